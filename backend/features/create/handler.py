@@ -1,0 +1,34 @@
+"""Create: insert one task for its owner, in one round trip."""
+
+from psycopg2 import errorcodes
+from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from backend.features.create.schema import TaskCreate
+from backend.features.task_model import TASK_COLUMNS, Task, TaskRead
+from backend.platform.auth import UnknownUserError
+
+
+def create_task(session: Session, *, user_id: str, data: TaskCreate) -> TaskRead:
+    statement = (
+        insert(Task)
+        .values(
+            user_id=user_id,
+            title=data.title,
+            description=data.description,
+            completed=data.completed,
+        )
+        .returning(*TASK_COLUMNS)
+    )
+    try:
+        row = session.execute(statement).one()
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        if getattr(exc.orig, "pgcode", None) == errorcodes.FOREIGN_KEY_VIOLATION:
+            # The token is valid but its user is not in the users table (deleted, or a token
+            # minted for an id Better Auth never had): an authentication problem, not a crash.
+            raise UnknownUserError from exc
+        raise
+    return TaskRead.from_row(row)

@@ -1,0 +1,24 @@
+"""Create: `POST /api/{user_id}/tasks`."""
+
+from fastapi import status
+
+from backend.features.create.handler import create_task
+from backend.features.create.schema import TaskCreate
+from backend.features.task_model import TaskRead, tasks_router
+from backend.platform.auth import CurrentUser
+from backend.platform.db import SessionDep
+from backend.platform.errors import error_responses
+
+router = tasks_router()
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskRead,
+    summary="Create a task",
+    responses=error_responses(413),
+)
+def create(body: TaskCreate, user: CurrentUser, session: SessionDep) -> TaskRead:
+    """Create a task owned by the signed-in user; committed before the 201 is sent."""
+    return create_task(session, user_id=user.id, data=body)

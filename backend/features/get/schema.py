@@ -1,0 +1,5 @@
+"""Get: no request body; the response is the shared `TaskRead`."""
+
+from backend.features.task_model import TaskRead
+
+__all__ = ["TaskRead"]

@@ -1,0 +1,157 @@
+"""The task: its table, its JSON shape, its field rules, and the router every slice mounts on.
+
+Shared by the six operation slices (which never import each other); anything two slices need
+lives here or in `backend.platform`.
+"""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+from sqlalchemy import Boolean, Column, DateTime, Integer, String, Text, func
+from sqlmodel import Field as ColumnField
+from sqlmodel import SQLModel
+
+from backend.platform.auth import AuthenticatedRoute
+from backend.platform.db import quote_identifier
+from backend.platform.errors import TASK_ERRORS, TaskNotFoundError
+from backend.platform.users import users_table_ddl
+
+TITLE_MAX_LENGTH = 200
+DESCRIPTION_MAX_LENGTH = 1000
+MAX_TASK_ID = 2**31 - 1  # `serial` is a 4-byte integer
+
+
+class Task(SQLModel, table=True):
+    """A row of `tasks`. The DDL below is the source of truth; this maps it for statements."""
+
+    __tablename__ = "tasks"
+
+    id: int | None = ColumnField(default=None, sa_column=Column(Integer, primary_key=True))
+    user_id: str = ColumnField(sa_column=Column(Text, nullable=False))
+    title: str = ColumnField(sa_column=Column(String(TITLE_MAX_LENGTH), nullable=False))
+    description: str | None = ColumnField(default=None, sa_column=Column(Text, nullable=True))
+    completed: bool = ColumnField(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default="false")
+    )
+    created_at: datetime | None = ColumnField(
+        default=None,
+        sa_column=Column(DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+    updated_at: datetime | None = ColumnField(
+        default=None,
+        sa_column=Column(DateTime(timezone=True), nullable=False, server_default=func.now()),
+    )
+
+
+TASK_COLUMNS = tuple(Task.__table__.c)  # type: ignore[attr-defined]
+
+
+def schema_ddl(auth_user_table: str) -> list[str]:
+    """Idempotent DDL for the users table (only if Better Auth has not made it) and `tasks`."""
+    users = quote_identifier(auth_user_table)
+    return [
+        users_table_ddl(auth_user_table),
+        f"""CREATE TABLE IF NOT EXISTS tasks (
+            id serial PRIMARY KEY,
+            user_id text NOT NULL REFERENCES {users} (id) ON DELETE CASCADE,
+            title varchar({TITLE_MAX_LENGTH}) NOT NULL,
+            description text,
+            completed boolean NOT NULL DEFAULT false,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        # Serves "this user's tasks, newest first" (and any lookup by user_id) from the index.
+        "CREATE INDEX IF NOT EXISTS ix_tasks_user_id_created_at "
+        "ON tasks (user_id, created_at DESC, id DESC)",
+    ]
+
+
+def _is_storable_text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),
+    AfterValidator(_is_storable_text),
+    Field(
+        description="1 to 200 characters after trimming surrounding whitespace.",
+        examples=["Buy milk"],
+    ),
+]
+Description = Annotated[
+    str | None,
+    StringConstraints(max_length=DESCRIPTION_MAX_LENGTH),
+    AfterValidator(lambda v: v if v is None else _is_storable_text(v)),
+    Field(description="Up to 1000 characters; null for none.", examples=["2 litres, semi-skimmed"]),
+]
+
+
+class TaskRead(BaseModel):
+    """A task as the API returns it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int = Field(description="The task's id, unique across all users.", examples=[42])
+    user_id: str = Field(description="The owner's id (the token's `sub`).")
+    title: str = Field(description="The task's title.", examples=["Buy milk"])
+    description: str | None = Field(description="Free text, or null.")
+    completed: bool = Field(description="Whether the task is done.")
+    created_at: datetime = Field(description="When it was created (ISO 8601, UTC).")
+    updated_at: datetime = Field(description="When it last changed (ISO 8601, UTC).")
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @classmethod
+    def from_row(cls, row: Any) -> "TaskRead":
+        return cls.model_validate(dict(row._mapping))
+
+
+async def parse_task_id(
+    task_id: Annotated[
+        str, Path(description="The task's id: a positive integer. Anything else is 404.")
+    ],
+) -> int:
+    """Any id that cannot name a row is simply not found: 404, never 422 or 500."""
+    if not task_id.isascii() or not task_id.isdigit() or task_id.startswith("0"):
+        raise TaskNotFoundError
+    if len(task_id) > 10 or int(task_id) > MAX_TASK_ID:
+        raise TaskNotFoundError
+    return int(task_id)
+
+
+TaskId = Annotated[int, Depends(parse_task_id)]
+
+
+def owned_by(user_id: str, task_id: int) -> tuple[Any, ...]:
+    """The ownership guard every single-task statement filters on: another user's task is
+    indistinguishable from a missing one."""
+    return (Task.id == task_id, Task.user_id == user_id)
+
+
+def tasks_router() -> APIRouter:
+    """The router each slice declares its one route on: authenticated first, errors documented."""
+    return APIRouter(
+        prefix="/api/{user_id}/tasks",
+        tags=["tasks"],
+        route_class=AuthenticatedRoute,
+        responses=TASK_ERRORS,
+    )

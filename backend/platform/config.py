@@ -1,0 +1,130 @@
+"""Settings read from the environment (and `.env`), with safe defaults and loud refusals."""
+
+import re
+import sys
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The placeholder shipped in .env.example: copying the file without editing it must not start a
+# service whose tokens anyone could forge.
+EXAMPLE_SECRET = "replace-me-with-openssl-rand-base64-32-output"
+MIN_SECRET_LENGTH = 32
+SUPPORTED_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    DATABASE_URL: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        description="PostgreSQL URL; postgres:// and postgresql:// both work, Neon URLs as given.",
+    )
+    BETTER_AUTH_SECRET: str = Field(
+        default="", description="Shared with Better Auth; verifies HS256 tokens. 32+ characters."
+    )
+    JWT_ALGORITHMS: str = Field(
+        default="HS256", description="Comma-separated allow-list of HMAC algorithms."
+    )
+    JWT_LEEWAY_SECONDS: int = Field(default=30, ge=0, le=300)
+    AUTH_USER_TABLE: str = Field(default="user", description="Better Auth's users table.")
+
+    CORS_ORIGINS: str = Field(default="http://localhost:3000")
+
+    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
+    DB_POOL_TIMEOUT_SECONDS: float = Field(default=5.0, gt=0, le=60)
+    DB_POOL_RECYCLE_SECONDS: int = Field(default=240, ge=1, lt=300)
+    DB_CONNECT_TIMEOUT_SECONDS: int = Field(default=5, ge=1, le=60)
+    DB_STATEMENT_TIMEOUT_MS: int = Field(default=5000, ge=100, le=600_000)
+    DB_STARTUP_WAIT_SECONDS: float = Field(default=30.0, ge=0, le=600)
+
+    MAX_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
+
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_FORMAT: Literal["json", "console", "auto"] = "auto"
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("BETTER_AUTH_SECRET")
+    @classmethod
+    def _secret_is_strong(cls, value: str) -> str:
+        if not value:
+            raise ValueError(
+                "BETTER_AUTH_SECRET is not set: it must be the same secret as the Better Auth "
+                "server's (generate one with `openssl rand -base64 32`)"
+            )
+        if value == EXAMPLE_SECRET:
+            raise ValueError("BETTER_AUTH_SECRET is still the placeholder from .env.example")
+        if len(value) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"BETTER_AUTH_SECRET is {len(value)} characters; at least {MIN_SECRET_LENGTH} "
+                "are required so that tokens cannot be brute-forced"
+            )
+        return value
+
+    @field_validator("JWT_ALGORITHMS")
+    @classmethod
+    def _algorithms_are_hmac(cls, value: str) -> str:
+        algorithms = [a.strip() for a in value.split(",") if a.strip()]
+        unknown = [a for a in algorithms if a not in SUPPORTED_HMAC_ALGORITHMS]
+        if not algorithms or unknown:
+            raise ValueError(
+                f"JWT_ALGORITHMS must list only {', '.join(SUPPORTED_HMAC_ALGORITHMS)}; "
+                f"got {value!r}"
+            )
+        return ",".join(algorithms)
+
+    @field_validator("AUTH_USER_TABLE")
+    @classmethod
+    def _table_is_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"AUTH_USER_TABLE {value!r} is not a plain SQL identifier")
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url_is_postgres(cls, value: str) -> str:
+        if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
+            raise ValueError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _origins_are_explicit(self) -> "Settings":
+        if "*" in self.cors_origins:
+            raise ValueError(
+                "CORS_ORIGINS may not be '*': the API takes bearer tokens, list the frontend's "
+                "origins explicitly"
+            )
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL for SQLAlchemy's psycopg2 dialect (Heroku/Neon style postgres:// included)."""
+        scheme, _, rest = self.DATABASE_URL.partition("://")
+        return f"postgresql+psycopg2://{rest}"
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.CORS_ORIGINS.split(",") if o.strip()]
+
+    @property
+    def jwt_algorithms(self) -> list[str]:
+        return self.JWT_ALGORITHMS.split(",")
+
+    @property
+    def json_logs(self) -> bool:
+        if self.LOG_FORMAT == "auto":
+            return not sys.stdout.isatty()
+        return self.LOG_FORMAT == "json"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

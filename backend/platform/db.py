@@ -1,0 +1,137 @@
+"""The database engine and pool, the per-request session dependency, and schema bootstrap."""
+
+import select
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlmodel import Session, create_engine
+from starlette.concurrency import run_in_threadpool
+
+from backend.platform.config import Settings
+
+log = structlog.get_logger("backend.db")
+
+
+def build_engine(settings: Settings) -> Engine:
+    """A psycopg2 pool sized and timed from settings, safe against connections dropped idle.
+
+    Neon suspends idle computes and a restarted server kills its backends; in both cases the
+    server closes the socket of every idle pooled connection. Rather than a `SELECT 1` on each
+    checkout (pool_pre_ping: a round trip per request), a zero-timeout poll of the socket tells
+    whether the server has hung up or sent its "terminating connection" notice: an idle
+    connection has nothing to read unless it is dead. Such a connection is discarded and the
+    pool hands out another. Connections older than DB_POOL_RECYCLE_SECONDS are replaced too,
+    below the 300 s after which Neon's proxy may drop them.
+    """
+    engine = create_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.DB_POOL_SIZE,
+        max_overflow=settings.DB_MAX_OVERFLOW,
+        pool_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
+        pool_recycle=settings.DB_POOL_RECYCLE_SECONDS,
+        pool_pre_ping=False,
+        connect_args={
+            "connect_timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
+            "application_name": "todo-api",
+            # Dead peers are noticed by TCP within seconds instead of the kernel's two hours.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        },
+    )
+    session_setup = (
+        f"SET statement_timeout = {int(settings.DB_STATEMENT_TIMEOUT_MS)}; "
+        "SET idle_in_transaction_session_timeout = 60000; SET TIME ZONE 'UTC'"
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+        # One round trip per new connection; SET (not startup `options`) because Neon's
+        # pooler refuses startup options.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(session_setup)
+        dbapi_connection.commit()
+
+    @event.listens_for(engine, "checkout")
+    def _discard_if_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if dbapi_connection.closed or _socket_has_data(dbapi_connection.fileno()):
+            log.info("db.connection_discarded", reason="closed by server while idle")
+            raise DisconnectionError("connection closed by the server while idle")
+
+    return engine
+
+
+def _socket_has_data(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, on the app's engine.
+
+    Creating a Session does no I/O (it connects on first use), so this dependency is async and
+    costs no thread-pool hop. Handlers commit or roll back themselves, in their own thread;
+    closing here is then free. Only when a handler failed mid-transaction does close() talk to
+    the database, and that rollback is sent from the thread pool, never the event loop.
+    """
+    session = Session(request.app.state.engine, expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def run_ddl(engine: Engine, statements: list[str]) -> None:
+    """Run DDL idempotently, serialised across workers by an advisory lock."""
+    with engine.begin() as connection:
+        connection.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        for statement in statements:
+            connection.execute(text(statement))
+
+
+def wait_for_database(
+    engine: Engine, *, timeout: float, then: Callable[[Engine], None] | None = None
+) -> None:
+    """Retry until the database answers (compose and Neon cold starts), then run `then`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.25
+    while True:
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            if then is not None:
+                then(engine)
+            return
+        except OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("db.unavailable_at_startup", error=str(exc.orig).strip(), retry_in=delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def database_answers(engine: Engine) -> bool:
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"; it is logged
+        log.warning("db.health_check_failed", error=type(exc).__name__)
+        return False

@@ -1,0 +1,28 @@
+"""`GET /health`: 200 when the database answers, 503 when it does not."""
+
+from fastapi import APIRouter, Request, Response, status
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from backend.platform.db import database_answers
+from backend.platform.errors import RETRY_AFTER_SECONDS
+
+router = APIRouter(tags=["operations"])
+
+
+class HealthStatus(BaseModel):
+    status: str = Field(description='"ok", or "unavailable" when the database does not answer.')
+
+
+@router.get(
+    "/health",
+    response_model=HealthStatus,
+    responses={503: {"model": HealthStatus, "description": "The database does not answer."}},
+)
+async def health(request: Request, response: Response) -> HealthStatus:
+    """Liveness and readiness: checks that the database answers a query."""
+    if await run_in_threadpool(database_answers, request.app.state.engine):
+        return HealthStatus(status="ok")
+    response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return HealthStatus(status="unavailable")

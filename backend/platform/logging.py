@@ -1,0 +1,142 @@
+"""Structured logging: structlog set up once, and one log line per request with its request id."""
+
+import logging
+import re
+import sys
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from backend.platform.config import Settings
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:\-]")
+REQUEST_ID_MAX_LENGTH = 64
+
+log = structlog.get_logger("backend.request")
+
+
+class _Stdout:
+    """Writes to whatever `sys.stdout` is at the time (so test capture and redirects see it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route structlog and the standard library (uvicorn, SQLAlchemy) through one renderer."""
+    level = getattr(logging, settings.LOG_LEVEL)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if settings.json_logs
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(_Stdout()),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(_Stdout())
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    # Our middleware writes the one line per request; uvicorn's access line would be a second.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
+
+
+def sanitize_request_id(raw: str) -> str | None:
+    cleaned = _REQUEST_ID_UNSAFE.sub("", raw)[:REQUEST_ID_MAX_LENGTH]
+    return cleaned or None
+
+
+class RequestLogMiddleware:
+    """Pure ASGI middleware: request id in, request id out, one `request` line when done.
+
+    Pure ASGI (not BaseHTTPMiddleware) so that the context variables it binds, and the
+    `user_id` that authentication binds later in the same task, reach the final line.
+    An exception that escapes the app becomes a JSON 500 here, logged with its traceback,
+    so that even a bug answers `{"detail": ...}` with the request id attached.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = sanitize_request_id(value.decode("latin-1"))
+                break
+        request_id = request_id or uuid.uuid4().hex
+        header_value = request_id.encode()
+        status = 500
+        response_started = False
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", header_value)]
+            await send(message)
+
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except Exception:
+            log.exception("request.unhandled_error", method=scope["method"], path=scope["path"])
+            if not response_started:
+                await send_with_request_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b'{"detail":"Internal error"}'})
+        finally:
+            log.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            structlog.contextvars.clear_contextvars()

@@ -1,0 +1,245 @@
+"""Fixtures every test uses, slices and cross-cutting alike: a real PostgreSQL database, a
+rolled-back session per test, an HTTP client on the app, factories and tokens.
+
+The database: `TEST_DATABASE_URL` when set (any PostgreSQL the URL's user may create databases
+on), else an embedded PostgreSQL (pgserver) kept in `.pgdata/test`. Either way each run works in
+a throwaway database, created here and dropped at the end.
+"""
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from backend.features.task_model import schema_ddl
+from backend.main import create_app
+from backend.platform.config import Settings
+from backend.platform.db import build_engine, get_session, run_ddl
+from tests.factories import TaskFactory, UserFactory, bind_factories
+
+ROOT = Path(__file__).resolve().parent
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+
+
+def _server_url() -> str:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        return url
+    import pgserver  # noqa: PLC0415 - only needed without TEST_DATABASE_URL
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+    data = ROOT / ".pgdata" / "test"
+    data.parent.mkdir(exist_ok=True)
+    return str(pgserver.get_server(data, cleanup_mode="stop").get_uri())
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    server = make_url(_server_url().replace("postgres://", "postgresql://", 1))
+    name = f"todo_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(
+        server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        DATABASE_URL=database_url,
+        BETTER_AUTH_SECRET=TEST_SECRET,
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = build_engine(settings)
+    run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, engine: Engine) -> FastAPI:
+    return create_app(settings, engine=engine)
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    """A session inside an outer transaction that is rolled back after the test: the handlers'
+    commits release savepoints, so nothing a test writes survives it."""
+    connection = engine.connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    bind_factories(session)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture
+def client(app: FastAPI, session: Session) -> Iterator[TestClient]:
+    def session_in_test_transaction() -> Iterator[Session]:
+        yield session
+
+    app.dependency_overrides[get_session] = session_in_test_transaction
+    try:
+        yield TestClient(app)
+    finally:
+        app.dependency_overrides.pop(get_session, None)
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_token() -> Callable[..., str]:
+    """make_token("alice") or make_token(user, exp=..., secret=..., algorithm=..., **claims)."""
+
+    def make(
+        user: Any,
+        *,
+        secret: str = TEST_SECRET,
+        algorithm: str = "HS256",
+        ttl: int = 3600,
+        headers: dict[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
+        now = int(time.time())
+        payload: dict[str, Any] = {"sub": getattr(user, "id", user), "iat": now, "exp": now + ttl}
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not ...}  # `sub=...` drops a claim
+        return jwt.encode(payload, secret, algorithm=algorithm, headers=headers)
+
+    return make
+
+
+@pytest.fixture
+def auth_headers(make_token: Callable[..., str]) -> Callable[[Any], dict[str, str]]:
+    def headers(user: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {make_token(user)}"}
+
+    return headers
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user(session: Session) -> Any:
+    return UserFactory()
+
+
+@pytest.fixture
+def other_user(session: Session) -> Any:
+    return UserFactory()
+
+
+@pytest.fixture
+def task(user: Any) -> Any:
+    return TaskFactory(user_id=user.id)
+
+
+@pytest.fixture
+def api(client: TestClient, user: Any, auth_headers: Callable[[Any], dict[str, str]]) -> Any:
+    """The signed-in `user`'s view of the API: api.get("/tasks/1") -> /api/<user.id>/tasks/1."""
+    return UserClient(client, user.id, auth_headers(user))
+
+
+class UserClient:
+    def __init__(self, client: TestClient, user_id: str, headers: dict[str, str]) -> None:
+        self.client, self.base, self.headers = client, f"/api/{user_id}", headers
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self.client.request(method, self.base + path, headers=headers, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+
+# --- a live server on real, committed sessions (concurrency, commit-before-response) ------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_app(settings: Settings, engine: Engine) -> FastAPI:
+    return create_app(settings, engine=engine)
+
+
+@pytest.fixture(scope="session")
+def live_url(live_app: FastAPI) -> Iterator[str]:
+    """The app served by uvicorn in a thread, committing for real (no test transaction)."""
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(live_app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("live server did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def committed_user(engine: Engine) -> Iterator[str]:
+    """A user row committed for real (for the live server), deleted with its tasks afterwards."""
+    user_id = f"live-{uuid.uuid4().hex[:12]}"
+    with engine.begin() as connection:
+        connection.execute(
+            text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
+            {"id": user_id, "email": f"{user_id}@example.com"},
+        )
+    yield user_id
+    with engine.begin() as connection:
+        connection.execute(text('DELETE FROM "user" WHERE id = :id'), {"id": user_id})

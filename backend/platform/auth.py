@@ -66,6 +66,10 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
             raise AuthError("malformed_token", "Malformed token") from exc
+        except jwt.InvalidTokenError as exc:
+            # PyJWT refuses a non-string `kid` and any `crit` extension it does not implement
+            # here, before the signature; unhandled, these were 500s.
+            raise AuthError("invalid_claims", "Token header is not acceptable") from exc
         if header.get("alg") not in self._algorithms:
             # Covers `none` in any case and every algorithm we do not hold a key for.
             raise AuthError("bad_signature", "Token signature algorithm is not accepted")
@@ -92,10 +96,21 @@ class TokenVerifier:
             raise AuthError("malformed_token", "Malformed token") from exc
         except jwt.InvalidTokenError as exc:
             raise AuthError("invalid_claims", "Token claims are invalid") from exc
+        if any(not _is_numeric_date(claims[name]) for name in _TIME_CLAIMS if name in claims):
+            # PyJWT takes int() of these, so `"exp": "9999999999"` would pass; RFC 7519 says
+            # NumericDate, a JSON number.
+            raise AuthError("invalid_claims", "Token time claims must be numbers")
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError("invalid_claims", "Token lacks a valid subject or expiry")
         return subject
+
+
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _is_numeric_date(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _bearer_token(request: Request) -> str:

@@ -141,7 +141,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, self._detail)
+                    raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._detail)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -155,7 +155,7 @@ class BodySizeLimitMiddleware:
         await send(
             {
                 "type": "http.response.start",
-                "status": status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                "status": status.HTTP_413_CONTENT_TOO_LARGE,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

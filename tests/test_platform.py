@@ -1,0 +1,451 @@
+"""The platform under every slice: settings, schema bootstrap, health, CORS, request ids and
+logs, the OpenAPI contract, body limits, commit-before-response, and the deployment files."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from fastapi import Request
+from pydantic import ValidationError
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from backend.features.task_model import schema_ddl
+from backend.main import create_app
+from backend.platform.config import EXAMPLE_SECRET, Settings
+from backend.platform.db import get_session
+from tests.factories import TaskFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_SECRET = "s" * 32
+
+
+def make_settings(**overrides):
+    values = {"BETTER_AUTH_SECRET": GOOD_SECRET, **overrides}
+    return Settings(_env_file=None, **values)
+
+
+def json_lines(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"BETTER_AUTH_SECRET": ""}, "BETTER_AUTH_SECRET is not set"),
+        ({"BETTER_AUTH_SECRET": "s" * 31}, "at least 32"),
+        ({"BETTER_AUTH_SECRET": EXAMPLE_SECRET}, "placeholder"),
+        ({"CORS_ORIGINS": "*"}, "may not be '*'"),
+        ({"JWT_ALGORITHMS": "HS256,none"}, "JWT_ALGORITHMS"),
+        ({"JWT_ALGORITHMS": "RS256"}, "JWT_ALGORITHMS"),
+        ({"AUTH_USER_TABLE": 'user"; drop table tasks; --'}, "AUTH_USER_TABLE"),
+        ({"DATABASE_URL": "mysql://x@y/z"}, "DATABASE_URL"),
+        ({"DB_POOL_RECYCLE_SECONDS": 300}, "DB_POOL_RECYCLE_SECONDS"),
+        ({"JWT_LEEWAY_SECONDS": 3600}, "JWT_LEEWAY_SECONDS"),
+    ],
+)
+def test_unsafe_settings_are_refused(overrides, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        make_settings(**overrides)
+
+
+def test_secret_of_32_characters_is_enough():
+    assert make_settings(BETTER_AUTH_SECRET="s" * 32).BETTER_AUTH_SECRET == "s" * 32
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://u:p@h:5432/db", "postgresql+psycopg2://u:p@h:5432/db"),
+        ("postgresql://u:p@h/db", "postgresql+psycopg2://u:p@h/db"),
+        (
+            "postgresql://alex:pw@ep-cool-1234-pooler.eu-central-1.aws.neon.tech/neondb"
+            "?sslmode=require&channel_binding=require",
+            "postgresql+psycopg2://alex:pw@ep-cool-1234-pooler.eu-central-1.aws.neon.tech/neondb"
+            "?sslmode=require&channel_binding=require",
+        ),
+    ],
+)
+def test_database_urls_are_taken_as_given(url, expected):
+    assert make_settings(DATABASE_URL=url).sqlalchemy_url == expected
+
+
+def test_service_refuses_to_start_without_a_secret(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BETTER_AUTH_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import backend.main; backend.main.app"],
+        cwd=tmp_path,  # no .env there
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Refusing to start" in result.stderr
+    assert "BETTER_AUTH_SECRET is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_env_example_lists_every_setting():
+    listed = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    assert set(Settings.model_fields) <= listed
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def test_schema_bootstrap_is_idempotent_and_exact(engine, settings):
+    from backend.platform.db import run_ddl
+
+    run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))  # a second time: no error
+    with engine.connect() as connection:
+        columns = connection.execute(
+            text(
+                "SELECT column_name, data_type, character_maximum_length, is_nullable, "
+                "column_default FROM information_schema.columns WHERE table_name = 'tasks' "
+                "AND table_schema = current_schema() ORDER BY ordinal_position"
+            )
+        ).all()
+        fk = connection.execute(
+            text(
+                "SELECT confdeltype, confrelid::regclass::text FROM pg_constraint "
+                "WHERE conrelid = 'tasks'::regclass AND contype = 'f'"
+            )
+        ).one()
+        index = connection.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_tasks_user_id_created_at'")
+        ).scalar_one()
+    shape = {
+        c.column_name: (c.data_type, c.character_maximum_length, c.is_nullable) for c in columns
+    }
+    assert shape == {
+        "id": ("integer", None, "NO"),
+        "user_id": ("text", None, "NO"),
+        "title": ("character varying", 200, "NO"),
+        "description": ("text", None, "YES"),
+        "completed": ("boolean", None, "NO"),
+        "created_at": ("timestamp with time zone", None, "NO"),
+        "updated_at": ("timestamp with time zone", None, "NO"),
+    }
+    defaults = {c.column_name: c.column_default for c in columns}
+    assert defaults["id"].startswith("nextval(")
+    assert defaults["completed"] == "false"
+    assert defaults["created_at"] == defaults["updated_at"] == "now()"
+    assert fk == ("c", '"user"')  # ON DELETE CASCADE to Better Auth's table
+    assert "(user_id, created_at DESC, id DESC)" in index
+
+
+def test_users_table_has_exactly_better_auths_columns(engine):
+    with engine.connect() as connection:
+        names = connection.execute(
+            text(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'user' "
+                "AND table_schema = current_schema() ORDER BY ordinal_position"
+            )
+        ).scalars()
+        assert list(names) == [
+            "id",
+            "name",
+            "email",
+            "emailVerified",
+            "image",
+            "createdAt",
+            "updatedAt",
+        ]
+
+
+def test_custom_users_table_name(engine):
+    with engine.connect() as connection, connection.begin() as transaction:
+        connection.execute(text("CREATE SCHEMA custom_users"))
+        connection.execute(text("SET LOCAL search_path TO custom_users"))
+        for statement in schema_ddl("users"):
+            connection.execute(text(statement))
+        target = connection.execute(
+            text(
+                "SELECT confrelid::regclass::text FROM pg_constraint "
+                "WHERE conrelid = 'custom_users.tasks'::regclass AND contype = 'f'"
+            )
+        ).scalar_one()
+        transaction.rollback()
+    assert target == "users"
+
+
+def test_deleting_a_user_deletes_their_tasks(session, user):
+    TaskFactory(user_id=user.id)
+    TaskFactory(user_id=user.id)
+    session.execute(text('DELETE FROM "user" WHERE id = :id'), {"id": user.id})
+    count = session.execute(
+        text("SELECT count(*) FROM tasks WHERE user_id = :id"), {"id": user.id}
+    ).scalar_one()
+    assert count == 0
+
+
+# --- health -------------------------------------------------------------------------------------
+
+
+def test_health_is_ok_when_the_database_answers(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_health_is_503_when_the_database_is_away():
+    from fastapi.testclient import TestClient
+
+    settings = make_settings(
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing", DB_CONNECT_TIMEOUT_SECONDS=1
+    )
+    app = create_app(settings)
+    started = time.monotonic()
+    response = TestClient(app).get("/health")  # no lifespan: it would wait for the database
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable"}
+    assert response.headers["retry-after"]
+    assert time.monotonic() - started < 5
+
+
+def test_task_routes_are_503_not_500_when_the_database_is_away(make_token):
+    from fastapi.testclient import TestClient
+
+    settings = make_settings(
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing", DB_CONNECT_TIMEOUT_SECONDS=1
+    )
+    client = TestClient(create_app(settings))
+    token = make_token("alice", secret=GOOD_SECRET)
+    response = client.post(
+        "/api/alice/tasks", json={"title": "t"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert "detail" in response.json()
+
+
+# --- CORS ---------------------------------------------------------------------------------------
+
+
+def test_cors_preflight_from_the_frontend(client, user):
+    response = client.options(
+        f"/api/{user.id}/tasks",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "authorization,content-type,x-request-id",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    allowed = response.headers["access-control-allow-methods"]
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE"]:
+        assert method in allowed
+    assert "authorization" in response.headers["access-control-allow-headers"].lower()
+
+
+def test_cors_headers_on_actual_responses_errors_included(client, user):
+    response = client.get(f"/api/{user.id}/tasks", headers={"Origin": "http://localhost:3000"})
+    assert response.status_code == 401
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+
+
+def test_other_origins_are_not_echoed(client, user):
+    for origin in ["http://evil.example", "http://localhost:3001", "null"]:
+        preflight = client.options(
+            f"/api/{user.id}/tasks",
+            headers={"Origin": origin, "Access-Control-Request-Method": "GET"},
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+        simple = client.get(f"/api/{user.id}/tasks", headers={"Origin": origin})
+        assert "access-control-allow-origin" not in simple.headers
+
+
+# --- request ids and logs -----------------------------------------------------------------------
+
+
+def test_request_id_is_generated_and_returned(client, capsys):
+    capsys.readouterr()
+    response = client.get("/health")
+    request_id = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    (line,) = [x for x in json_lines(capsys.readouterr().out) if x["event"] == "request"]
+    assert line["request_id"] == request_id
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/health", 200)
+    assert isinstance(line["duration_ms"], float)
+    assert line["level"] == "info" and "timestamp" in line
+
+
+def test_request_id_from_the_client_is_sanitised_and_capped(client):
+    assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == (
+        "abc-123"
+    )
+    hostile = client.get("/health", headers={"X-Request-ID": 'a"b\\c<script> ' + "x" * 200})
+    returned = hostile.headers["x-request-id"]
+    assert returned.startswith("abcscript") and len(returned) == 64
+    blank = client.get("/health", headers={"X-Request-ID": "\"'<>"})
+    assert re.fullmatch(r"[0-9a-f]{32}", blank.headers["x-request-id"])
+
+
+def test_one_log_line_per_request(client, user, make_token, capsys):
+    capsys.readouterr()
+    client.get(f"/api/{user.id}/tasks", headers={"Authorization": f"Bearer {make_token(user)}"})
+    client.get(f"/api/{user.id}/tasks/abc", headers={"Authorization": f"Bearer {make_token(user)}"})
+    lines = [x for x in json_lines(capsys.readouterr().out) if x["event"] == "request"]
+    assert [x["status"] for x in lines] == [200, 404]
+
+
+# --- body size ----------------------------------------------------------------------------------
+
+
+def test_oversized_body_is_413_before_anything_else(api, user, session):
+    big = {"title": "x", "description": "d" * (1024 * 1024)}
+    response = api.post("/tasks", json=big)
+    assert response.status_code == 413
+    assert "detail" in response.json()
+
+
+def test_oversized_streamed_body_is_413(api):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = api.post("/tasks", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("Request body exceeds")
+
+
+# --- OpenAPI ------------------------------------------------------------------------------------
+
+
+def test_openapi_documents_the_bearer_scheme_and_errors(client):
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["BetterAuthJWT"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": schemes["BetterAuthJWT"]["description"],
+    }
+    operations = [
+        (path, method, op)
+        for path, item in schema["paths"].items()
+        if path.startswith("/api/")
+        for method, op in item.items()
+    ]
+    assert len(operations) == 7
+    for path, method, op in operations:
+        assert {"401", "403", "404", "422"} <= set(op["responses"]), (path, method)
+        assert op["security"] == [{"BetterAuthJWT": []}], (path, method)
+        assert op["responses"]["401"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorDetail"
+        }
+
+
+# --- writes are committed before the response ---------------------------------------------------
+
+
+def test_write_is_committed_before_dependency_teardown(
+    live_app, live_url, committed_user, make_token, engine
+):
+    """The teardown of the session dependency is held open; the row must already be visible
+    to another connection, so the commit cannot be living in teardown."""
+    in_teardown, release = threading.Event(), threading.Event()
+
+    async def session_with_held_teardown(request: Request):
+        async for session in get_session(request):
+            try:
+                yield session
+            finally:
+                in_teardown.set()
+                await run_in_threadpool(release.wait, 10)
+
+    live_app.dependency_overrides[get_session] = session_with_held_teardown
+    result = {}
+    headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
+
+    def send():
+        result["response"] = httpx.post(
+            f"{live_url}/api/{committed_user}/tasks", json={"title": "durable"}, headers=headers
+        )
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        assert in_teardown.wait(10)
+        with engine.connect() as connection:
+            visible = (
+                connection.execute(
+                    text("SELECT title FROM tasks WHERE user_id = :u"), {"u": committed_user}
+                )
+                .scalars()
+                .all()
+            )
+        assert visible == ["durable"]
+    finally:
+        release.set()
+        sender.join(15)
+        live_app.dependency_overrides.pop(get_session, None)
+    assert result["response"].status_code == 201
+
+
+def test_get_right_after_a_write_sees_it(live_url, committed_user, make_token):
+    headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
+    base = f"{live_url}/api/{committed_user}/tasks"
+    with httpx.Client(headers=headers) as http:
+        for i in range(20):
+            created = http.post(base, json={"title": f"t{i}"}).json()
+            assert http.get(f"{base}/{created['id']}").json() == created
+            toggled = http.patch(f"{base}/{created['id']}/complete").json()
+            assert http.get(f"{base}/{created['id']}").json()["completed"] is toggled["completed"]
+
+
+# --- how it is run ------------------------------------------------------------------------------
+
+
+def test_uvicorn_serves_backend_main_app(database_url):
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": GOOD_SECRET}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert response.json() == {"status": "ok"}
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0].decode()
+    lines = json_lines(output)  # not a terminal: JSON lines
+    assert any(x.get("event") == "request" and x.get("path") == "/health" for x in lines)
+
+
+def test_compose_file_describes_db_and_api():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    db, api = compose["services"]["db"], compose["services"]["api"]
+    assert db["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert api["build"] == "."
+    assert api["depends_on"] == {"db": {"condition": "service_healthy"}}
+    assert api["env_file"] == ".env" and db["env_file"] == ".env"
+    assert "@db:5432/" in api["environment"]["DATABASE_URL"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "backend.main:app" in dockerfile and "pip install ." in dockerfile

@@ -449,3 +449,61 @@ def test_compose_file_describes_db_and_api():
     assert "@db:5432/" in api["environment"]["DATABASE_URL"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "backend.main:app" in dockerfile and "pip install ." in dockerfile
+
+
+# --- the pool -----------------------------------------------------------------------------------
+
+
+def test_pool_is_sized_and_timed_from_settings(database_url):
+    from backend.platform.db import build_engine
+
+    settings = make_settings(
+        DATABASE_URL=database_url,
+        DB_POOL_SIZE=3,
+        DB_MAX_OVERFLOW=2,
+        DB_POOL_TIMEOUT_SECONDS=1.5,
+        DB_POOL_RECYCLE_SECONDS=120,
+        DB_STATEMENT_TIMEOUT_MS=1234,
+    )
+    engine = build_engine(settings)
+    try:
+        assert engine.pool.size() == 3
+        assert engine.pool._max_overflow == 2
+        assert engine.pool._timeout == 1.5
+        assert engine.pool._recycle == 120
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"
+            assert connection.execute(text("SHOW TimeZone")).scalar_one() == "UTC"
+    finally:
+        engine.dispose()
+
+
+def test_connection_killed_while_idle_is_replaced_without_an_error(database_url):
+    from backend.platform.db import build_engine
+
+    engine = build_engine(make_settings(DATABASE_URL=database_url, DB_POOL_SIZE=1))
+    try:
+        with engine.connect() as connection:
+            first_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        # What Neon's suspend or a server restart does to an idle pooled connection.
+        admin = build_engine(make_settings(DATABASE_URL=database_url))
+        with admin.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid})
+        admin.dispose()
+        time.sleep(0.2)
+        with engine.connect() as connection:
+            second_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert second_pid != first_pid
+    finally:
+        engine.dispose()
+
+
+def test_unknown_user_is_logged_as_an_auth_failure(client, make_token, capsys):
+    capsys.readouterr()
+    headers = {"Authorization": f"Bearer {make_token('nobody-here')}"}
+    assert (
+        client.post("/api/nobody-here/tasks", json={"title": "x"}, headers=headers).status_code
+        == 401
+    )
+    failures = [x for x in json_lines(capsys.readouterr().out) if x["event"] == "auth.failed"]
+    assert [(x["reason"], x["status"]) for x in failures] == [("unknown_user", 401)]

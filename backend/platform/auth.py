@@ -144,9 +144,9 @@ def authenticate(request: Request) -> AuthUser:
         log.warning("auth.failed", reason=exc.reason, status=exc.status_code)
         headers = None
         if exc.status_code == status.HTTP_401_UNAUTHORIZED:
-            challenge = (
-                "Bearer" if exc.reason == "missing_token" else 'Bearer error="invalid_token"'
-            )
+            # RFC 6750 3.1: no error code when the request carried no bearer token at all.
+            no_token = exc.reason in ("missing_token", "invalid_scheme")
+            challenge = "Bearer" if no_token else 'Bearer error="invalid_token"'
             headers = {"WWW-Authenticate": challenge}
         raise HTTPException(exc.status_code, exc.detail, headers=headers) from None
     user = AuthUser(id=user_id)

@@ -1,0 +1,662 @@
+"""Faults, for real: the live service talks to PostgreSQL through a TCP proxy the test controls.
+
+While a load of creates, edits and toggles runs, the test cuts the network, refuses
+connections, stalls it, or kills the service's backends with pg_terminate_backend; then it
+compares what every client was told with what the database holds:
+- no 500, ever; a failure is a 503 `{"detail": ...}` with Retry-After, answered within bounds;
+- every 201/200 a client saw is in the database;
+- a failed request left nothing behind, with one exception no service can remove: a request
+  whose COMMIT was on the wire at the very instant the connection died. The server may have
+  committed it and the client cannot know. Those are counted ("in doubt") and allowed only
+  for requests in flight at a fault instant; any other failed write found in the database
+  fails the test;
+- once the database is back the service recovers by itself, within seconds.
+"""
+
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import Engine, event, text
+from sqlalchemy.engine import make_url
+
+from backend.main import create_app
+from backend.platform.config import Settings
+from backend.platform.db import build_engine
+from tests.tcp_proxy import TcpProxy
+
+# Short timeouts so that each fault resolves in seconds: a connection gets 2 s to open, a
+# statement 1.5 s, any other wait on the network 1.5 + 2 = 3.5 s, a pool checkout 2 s.
+FAULT_SETTINGS: dict[str, Any] = {
+    "DB_POOL_SIZE": 4,
+    "DB_MAX_OVERFLOW": 4,
+    "DB_POOL_TIMEOUT_SECONDS": 2.0,
+    "DB_CONNECT_TIMEOUT_SECONDS": 2,
+    "DB_STATEMENT_TIMEOUT_MS": 1500,
+    "DB_STARTUP_WAIT_SECONDS": 10.0,
+}
+NETWORK_DEADLINE = 3.5
+# The longest a 503 may take: waiting for a pooled connection, then opening one, then one
+# round trip, plus slack for a loaded 2-core machine. Measured maxima are far below.
+SLOWEST_503 = FAULT_SETTINGS["DB_POOL_TIMEOUT_SECONDS"] + 2 + NETWORK_DEADLINE + 2.5
+RECOVERY_BOUND = 5.0
+
+
+# --- the service behind the proxy ---------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    url: str
+    proxy: TcpProxy
+    engine: Engine
+    application_name: str
+
+
+def _upstream_of(database_url: str) -> Callable[[], socket.socket]:
+    """How the proxy reaches the real server: TCP, or the Unix socket of the embedded one."""
+    url = make_url(database_url)
+    port = url.port or 5432
+    if url.host:
+        return lambda: socket.create_connection((url.host, port), timeout=5)
+    path = f"{url.query['host']}/.s.PGSQL.{port}"
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(path)
+        return sock
+
+    return connect
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the service did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..., Service]]:
+    """start_service(**setting_overrides): the app on its own engine, through its own proxy."""
+    stack: list[tuple[TcpProxy, Any, Engine]] = []
+
+    def start(**overrides: Any) -> Service:
+        proxy = TcpProxy(_upstream_of(database_url))
+        url = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
+        url = url.difference_update_query(["host"])
+        service_settings = settings.model_copy(
+            update={
+                **FAULT_SETTINGS,
+                **overrides,
+                "DATABASE_URL": url.render_as_string(hide_password=False),
+            }
+        )
+        engine = build_engine(service_settings)
+        # A name of its own, so that the test kills this service's backends and no others.
+        application_name = f"faults-{uuid.uuid4().hex[:8]}"
+
+        @event.listens_for(engine, "connect")
+        def _name(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT set_config('application_name', %s, false)", (application_name,)
+                )
+            dbapi_connection.commit()
+
+        served = serve(create_app(service_settings, engine=engine))
+        base = served.__enter__()
+        stack.append((proxy, served, engine))
+        return Service(base, proxy, engine, application_name)
+
+    try:
+        yield start
+    finally:
+        for proxy, served, engine in reversed(stack):
+            proxy.restore()
+            served.__exit__(None, None, None)
+            engine.dispose()
+            proxy.close()
+
+
+@pytest.fixture
+def service(start_service: Callable[..., Service]) -> Service:
+    return start_service()
+
+
+@pytest.fixture
+def users(engine: Engine) -> Iterator[list[str]]:
+    """Eight users committed for real; their tasks go with them afterwards (ON DELETE CASCADE)."""
+    ids = [f"fault-{uuid.uuid4().hex[:10]}" for _ in range(8)]
+    with engine.begin() as connection:
+        for user_id in ids:
+            connection.execute(
+                text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
+                {"id": user_id, "email": f"{user_id}@example.com"},
+            )
+    yield ids
+    with engine.begin() as connection:
+        connection.execute(text('DELETE FROM "user" WHERE id = ANY(:ids)'), {"ids": ids})
+
+
+def kill_backends(engine: Engine, application_name: str, *, state: str | None = None) -> int:
+    """pg_terminate_backend on the service's connections (waiting until each is gone)."""
+    condition = "" if state is None else " AND state = :state"
+    with engine.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) "
+                f"FROM pg_stat_activity WHERE application_name = :name{condition}"
+            ),
+            {"name": application_name, "state": state},
+        ).scalar_one()
+    return int(killed)
+
+
+# --- load, and what the clients were told -------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    user_id: str
+    op: str  # create | rename | toggle
+    task_id: int | None
+    sent_title: str | None
+    status: int
+    body: Any
+    retry_after: str | None
+    started: float
+    ended: float
+
+
+@dataclass
+class Load:
+    """Workers, one per user, each doing creates, renames and toggles on its own tasks in turn.
+
+    After a failed operation on a task the worker leaves that task alone, so a failed request is
+    always the last thing that happened to its task and its effect (or absence) is checkable.
+    """
+
+    base_url: str
+    users: list[str]
+    token_for: Callable[[str], str]
+    outcomes: list[Outcome] = field(default_factory=list)
+    faults: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> "Load":
+        for user_id in self.users:
+            thread = threading.Thread(target=self._work, args=(user_id,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        assert not any(t.is_alive() for t in self._threads), "a client hung"
+
+    @contextmanager
+    def fault(self) -> Iterator[None]:
+        """Marks the instant a fault is injected: requests in flight across it may be in doubt."""
+        started = time.monotonic()
+        yield
+        self.faults.append((started, time.monotonic()))
+
+    def _work(self, user_id: str) -> None:
+        rng = random.Random(user_id)
+        headers = {"Authorization": f"Bearer {self.token_for(user_id)}"}
+        base = f"{self.base_url}/api/{user_id}/tasks"
+        live: list[int] = []
+        with httpx.Client(headers=headers, timeout=30) as client:
+            while not self._stop.is_set():
+                roll = rng.random()
+                if not live or roll < 0.3:
+                    title = f"t-{uuid.uuid4().hex}"
+                    outcome = self._call(
+                        client, user_id, "create", None, title, "POST", base, {"title": title}
+                    )
+                    if outcome.status == 201:
+                        live.append(outcome.body["id"])
+                    continue
+                task_id = rng.choice(live)
+                if roll < 0.65:
+                    title = f"t-{uuid.uuid4().hex}"
+                    outcome = self._call(
+                        client,
+                        user_id,
+                        "rename",
+                        task_id,
+                        title,
+                        "PATCH",
+                        f"{base}/{task_id}",
+                        {"title": title},
+                    )
+                else:
+                    outcome = self._call(
+                        client,
+                        user_id,
+                        "toggle",
+                        task_id,
+                        None,
+                        "PATCH",
+                        f"{base}/{task_id}/complete",
+                        None,
+                    )
+                if outcome.status != 200:
+                    live.remove(task_id)
+                if outcome.status == 503:
+                    time.sleep(0.05)  # a polite client backs off (Retry-After says 2 s)
+
+    def _call(
+        self,
+        client: httpx.Client,
+        user_id: str,
+        op: str,
+        task_id: int | None,
+        title: str | None,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+    ) -> Outcome:
+        started = time.monotonic()
+        response = client.request(method, url, json=body)
+        ended = time.monotonic()
+        outcome = Outcome(
+            user_id,
+            op,
+            task_id,
+            title,
+            response.status_code,
+            response.json(),
+            response.headers.get("retry-after"),
+            started,
+            ended,
+        )
+        with self._lock:
+            self.outcomes.append(outcome)
+        return outcome
+
+    def in_doubt(self, outcome: Outcome) -> bool:
+        return any(outcome.started <= end and start <= outcome.ended for start, end in self.faults)
+
+
+def statuses(outcomes: list[Outcome]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    return counts
+
+
+def check_told_vs_stored(load: Load, engine: Engine) -> dict[str, int]:
+    """Every acknowledged write is stored; every failed one left nothing behind (or was in
+    flight at a fault instant). Returns the figures."""
+    outcomes = load.outcomes
+    assert outcomes, "the load made no requests"
+    unexpected = {o.status for o in outcomes} - {200, 201, 503}
+    assert not unexpected, f"statuses other than 200/201/503: {statuses(outcomes)}"
+    for outcome in outcomes:
+        if outcome.status == 503:
+            assert outcome.retry_after is not None
+            assert isinstance(outcome.body["detail"], str)
+            assert "Traceback" not in outcome.body["detail"]
+            assert outcome.ended - outcome.started < SLOWEST_503, outcome
+
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, user_id, title, completed FROM tasks WHERE user_id = ANY(:users)"),
+            {"users": load.users},
+        ).all()
+    stored = {row.id: row for row in rows}
+    stored_titles = {row.title: row for row in rows}
+
+    # Per task, in order: the state the last success reported, and what followed it.
+    history: dict[int, list[Outcome]] = {}
+    for outcome in sorted(outcomes, key=lambda o: o.started):
+        task_id = (
+            outcome.body["id"]
+            if outcome.op == "create" and outcome.status == 201
+            else outcome.task_id
+        )
+        if task_id is not None:
+            history.setdefault(task_id, []).append(outcome)
+
+    in_doubt_found = 0
+    acknowledged = found = 0
+    for outcome in outcomes:
+        if outcome.op != "create":
+            continue
+        if outcome.status == 201:
+            acknowledged += 1
+            row = stored.get(outcome.body["id"])
+            assert row is not None, f"acknowledged create lost: {outcome}"
+            assert row.user_id == outcome.user_id
+            found += 1
+        elif outcome.sent_title in stored_titles:
+            assert load.in_doubt(outcome), f"a failed create left a row behind: {outcome}"
+            in_doubt_found += 1
+    expected_ids = {o.body["id"] for o in outcomes if o.op == "create" and o.status == 201}
+    extra = (
+        set(stored)
+        - expected_ids
+        - {
+            stored_titles[o.sent_title].id
+            for o in outcomes
+            if o.op == "create" and o.status != 201 and o.sent_title in stored_titles
+        }
+    )
+    assert not extra, f"rows nobody was told about: {extra}"
+
+    for task_id, steps in history.items():
+        row = stored[task_id]
+        successes = [s for s in steps if s.status in (200, 201)]
+        told = successes[-1].body
+        acknowledged += len(successes) - 1
+        failed_after = [
+            s for s in steps if s.status not in (200, 201) and s.started > successes[-1].started
+        ]
+        assert len(failed_after) <= 1
+        matches_told = (row.title, row.completed) == (told["title"], told["completed"])
+        if matches_told:
+            found += len(successes) - 1
+            continue
+        # The only other allowed state: the failed last operation's effect, if it was in doubt.
+        assert failed_after and load.in_doubt(failed_after[0]), (
+            f"task {task_id} is {row.title!r}/{row.completed}, clients were told "
+            f"{told['title']!r}/{told['completed']} and no request in doubt explains it"
+        )
+        failed = failed_after[0]
+        if failed.op == "rename":
+            assert (row.title, row.completed) == (failed.sent_title, told["completed"])
+        else:
+            assert (row.title, row.completed) == (told["title"], not told["completed"])
+        in_doubt_found += 1
+        found += len(successes) - 1
+
+    counts = statuses(outcomes)
+    return {
+        "requests": len(outcomes),
+        "ok": counts.get(200, 0) + counts.get(201, 0),
+        "503": counts.get(503, 0),
+        "writes_acknowledged": acknowledged,
+        "writes_found": found,
+        "in_doubt_found": in_doubt_found,
+        "slowest_503_ms": int(
+            1000 * max((o.ended - o.started for o in outcomes if o.status == 503), default=0)
+        ),
+    }
+
+
+def wait_until_healthy(base_url: str, *, since: float) -> float:
+    """Seconds from `since` until /health answers 200 (fails past RECOVERY_BOUND)."""
+    with httpx.Client(timeout=10) as client:
+        while True:
+            if client.get(f"{base_url}/health").status_code == 200:
+                return time.monotonic() - since
+            assert time.monotonic() - since < RECOVERY_BOUND, "the service did not recover"
+            time.sleep(0.05)
+
+
+def assert_all_succeed_after(load: Load, instant: float) -> None:
+    late = [o for o in load.outcomes if o.started > instant]
+    assert late, "no requests after recovery"
+    assert {o.status for o in late} <= {200, 201}, statuses(late)
+
+
+@pytest.fixture
+def load_on(users: list[str], make_token: Callable[..., str]) -> Callable[[Service], Load]:
+    return lambda service: Load(service.url, users, make_token)
+
+
+# --- the faults ---------------------------------------------------------------------------------
+
+
+def test_connections_killed_while_idle_are_replaced_without_an_error(
+    service, users, make_token, engine
+):
+    """Neon's suspend: every idle pooled connection is killed. Nobody may notice."""
+    headers = {"Authorization": f"Bearer {make_token(users[0])}"}
+    base = f"{service.url}/api/{users[0]}/tasks"
+    with httpx.Client(headers=headers, timeout=30) as client:
+        task_id = client.post(base, json={"title": "survives"}).json()["id"]
+        for round_ in range(3):
+            # Several connections in the pool, then all of them killed while idle.
+            threads = [
+                threading.Thread(target=client.get, args=(f"{base}/{task_id}",)) for _ in range(6)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert kill_backends(engine, service.application_name, state="idle") >= 1
+            for _ in range(10):
+                response = client.patch(f"{base}/{task_id}/complete")
+                assert response.status_code == 200, response.text
+            assert client.get(f"{service.url}/health").status_code == 200, round_
+
+
+@pytest.mark.parametrize("op", ["create", "rename"])
+def test_connection_killed_mid_query_is_503_and_leaves_nothing(
+    op, service, users, make_token, engine
+):
+    """The request is held on a row lock the test owns, its backend is killed, the lock freed."""
+    user_id = users[0]
+    headers = {"Authorization": f"Bearer {make_token(user_id)}"}
+    base = f"{service.url}/api/{user_id}/tasks"
+    with httpx.Client(headers=headers, timeout=30) as client:
+        task = client.post(base, json={"title": "before"}).json()
+        blocker = engine.connect()
+        transaction = blocker.begin()
+        if op == "create":  # the INSERT's foreign-key check waits for the user row
+            blocker.execute(text('SELECT 1 FROM "user" WHERE id = :id FOR UPDATE'), {"id": user_id})
+            request = ("POST", base, {"title": "never stored"})
+        else:
+            blocker.execute(
+                text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task["id"]}
+            )
+            request = ("PATCH", f"{base}/{task['id']}", {"title": "never stored"})
+        answer: dict[str, Any] = {}
+
+        def send() -> None:
+            started = time.monotonic()
+            answer["response"] = client.request(request[0], request[1], json=request[2])
+            answer["seconds"] = time.monotonic() - started
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            waiting = _wait_for_lock_waiter(engine, service.application_name)
+            with engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": waiting})
+            sender.join(timeout=15)
+        finally:
+            transaction.rollback()
+            blocker.close()
+        response = answer["response"]
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        assert response.json() == {"detail": "The database is unavailable; please retry shortly"}
+        with engine.connect() as connection:
+            titles = (
+                connection.execute(
+                    text("SELECT title FROM tasks WHERE user_id = :u"), {"u": user_id}
+                )
+                .scalars()
+                .all()
+            )
+        assert titles == ["before"]
+        # And the very next request is served.
+        assert client.patch(f"{base}/{task['id']}", json={"title": "after"}).status_code == 200
+
+
+def _wait_for_lock_waiter(engine: Engine, application_name: str) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            pid = connection.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = :name "
+                    "AND wait_event_type = 'Lock'"
+                ),
+                {"name": application_name},
+            ).scalar()
+        if pid is not None:
+            return int(pid)
+        time.sleep(0.02)
+    raise AssertionError("the request never reached the lock")
+
+
+def test_network_cuts_and_server_kills_under_load(service, load_on, engine):
+    """Connections dropped mid-flight, again and again: acknowledged writes all stored."""
+    with load_on(service) as load:
+        time.sleep(1.0)
+        for _ in range(4):
+            with load.fault():
+                service.proxy.cut()
+            time.sleep(0.6)
+            with load.fault():
+                kill_backends(engine, service.application_name)
+            time.sleep(0.6)
+        recovered_at = time.monotonic()
+        time.sleep(1.5)
+    figures = check_told_vs_stored(load, engine)
+    assert figures["ok"] > 50, figures
+    assert_all_succeed_after(load, recovered_at + 0.5)
+    print("cuts and kills:", figures)
+
+
+def test_database_refusing_connections_is_a_prompt_503_then_recovers(service, load_on, engine):
+    with load_on(service) as load:
+        time.sleep(0.8)
+        with load.fault():
+            service.proxy.refuse()
+        refused_at = time.monotonic()
+        time.sleep(2.0)
+        with httpx.Client(timeout=10) as client:
+            health = client.get(f"{service.url}/health")
+        assert health.status_code == 503
+        assert health.headers["retry-after"]
+        back = time.monotonic()
+        service.proxy.restore()
+        recovery = wait_until_healthy(service.url, since=back)
+        recovered_at = time.monotonic()
+        time.sleep(1.5)
+    figures = check_told_vs_stored(load, engine)
+    during = [o for o in load.outcomes if refused_at + 0.2 < o.started and o.ended < back]
+    assert during and {o.status for o in during} == {503}
+    # Refused is refused: no timeout involved, each answer comes at once.
+    assert max(o.ended - o.started for o in during) < 1.5
+    assert_all_succeed_after(load, recovered_at + 0.5)
+    print("refused:", figures, f"recovered in {recovery:.2f} s")
+
+
+def test_stalled_network_is_a_503_within_the_deadline_then_recovers(service, load_on, engine):
+    """The proxy takes the bytes and forwards nothing: no error ever comes from the network,
+    so only the client-side deadline (the wait callback) ends the wait."""
+    with load_on(service) as load:
+        time.sleep(0.8)
+        with load.fault():
+            service.proxy.stall()
+        stalled_at = time.monotonic()
+        time.sleep(NETWORK_DEADLINE + 2.5)
+        with httpx.Client(timeout=30) as client:
+            started = time.monotonic()
+            health = client.get(f"{service.url}/health")
+            health_seconds = time.monotonic() - started
+        assert health.status_code == 503
+        assert health_seconds < SLOWEST_503
+        back = time.monotonic()
+        service.proxy.restore()
+        recovery = wait_until_healthy(service.url, since=back)
+        time.sleep(1.5)
+    figures = check_told_vs_stored(load, engine)
+    during = [o for o in load.outcomes if o.started > stalled_at and o.ended < back]
+    assert during and {o.status for o in during} == {503}, statuses(during)
+    assert_all_succeed_after(load, back + recovery + 0.5)
+    print(
+        "stalled:", figures, f"health 503 in {health_seconds:.2f} s, recovered in {recovery:.2f} s"
+    )
+
+
+def test_pool_exhaustion_is_a_prompt_503_and_a_statement_timeout_frees_the_pool(
+    start_service, users, make_token, engine
+):
+    service = start_service(
+        DB_POOL_SIZE=2, DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT_SECONDS=1.0, DB_STATEMENT_TIMEOUT_MS=3000
+    )
+    user_id = users[0]
+    headers = {"Authorization": f"Bearer {make_token(user_id)}"}
+    base = f"{service.url}/api/{user_id}/tasks"
+    with httpx.Client(headers=headers, timeout=30) as client:
+        task_id = client.post(base, json={"title": "contended"}).json()["id"]
+        with engine.connect() as blocker, blocker.begin():
+            blocker.execute(text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task_id})
+            held: list[tuple[int, float]] = []
+
+            def toggle() -> None:
+                started = time.monotonic()
+                status = client.patch(f"{base}/{task_id}/complete").status_code
+                held.append((status, time.monotonic() - started))
+
+            holders = [threading.Thread(target=toggle) for _ in range(2)]
+            for thread in holders:
+                thread.start()
+            _wait_for_waiters(engine, service.application_name, 2)
+            # Both connections are pinned by requests waiting on the lock: the next request
+            # waits DB_POOL_TIMEOUT_SECONDS for one, then gets a 503.
+            started = time.monotonic()
+            response = client.get(f"{base}/{task_id}")
+            waited = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"]
+            assert 0.9 < waited < 3.0
+            for thread in holders:
+                thread.join(timeout=15)
+        # The statement timeout (3 s) ended both waits: the slow requests did not hold the pool.
+        assert [status for status, _ in held] == [503, 503]
+        assert all(2.5 < seconds < 6 for _, seconds in held), held
+        assert client.get(f"{base}/{task_id}").json()["completed"] is False
+        assert client.patch(f"{base}/{task_id}/complete").json()["completed"] is True
+
+
+def _wait_for_waiters(engine: Engine, application_name: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as connection:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name "
+                    "AND wait_event_type = 'Lock'"
+                ),
+                {"name": application_name},
+            ).scalar_one()
+        if waiting >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} requests never reached the lock")

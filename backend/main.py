@@ -19,7 +19,7 @@ from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
 from backend.platform.auth import TokenVerifier
 from backend.platform.config import Settings, get_settings
-from backend.platform.db import build_engine, run_ddl, wait_for_database
+from backend.platform.db import build_engine, close_pool, run_ddl, wait_for_database
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
 from backend.platform.logging import RequestLogMiddleware, configure_logging
@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             wait_for_database, engine, timeout=settings.DB_STARTUP_WAIT_SECONDS, then=create_schema
         )
         yield
-        await run_in_threadpool(engine.dispose)
+        # uvicorn runs this after SIGTERM once in-flight requests have finished.
+        await run_in_threadpool(close_pool, engine)
 
     app = FastAPI(
         title="Todo API",

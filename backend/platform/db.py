@@ -182,6 +182,14 @@ def wait_for_database(
             delay = min(delay * 2, 5.0)
 
 
+def close_pool(engine: Engine) -> None:
+    """At shutdown, once the last in-flight request has finished: close every connection, so
+    the server is not left holding backends until its timeouts reap them."""
+    status = engine.pool.status()
+    engine.dispose()
+    log.info("db.pool_closed", pool=status)
+
+
 def database_answers(engine: Engine) -> bool:
     try:
         with engine.connect() as connection:

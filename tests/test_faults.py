@@ -660,3 +660,38 @@ def _wait_for_waiters(engine: Engine, application_name: str, count: int) -> None
             return
         time.sleep(0.02)
     raise AssertionError(f"{count} requests never reached the lock")
+
+
+def test_connection_killed_the_instant_it_opened_is_a_503_not_a_500(
+    start_service, users, make_token, engine
+):
+    """The pool replaces a dead idle connection once per checkout; if the replacement is killed
+    too before its first use, a second discard would exhaust SQLAlchemy's retries and raise
+    InvalidRequestError (a 500). A connection that was just opened is not re-checked."""
+    service = start_service(DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    user_id = users[0]
+    headers = {"Authorization": f"Bearer {make_token(user_id)}"}
+    base = f"{service.url}/api/{user_id}/tasks"
+    kills_on_arrival = [0]
+
+    @event.listens_for(service.engine, "connect")
+    def _kill_on_arrival(dbapi_connection: Any, _record: Any) -> None:
+        if kills_on_arrival[0]:
+            kills_on_arrival[0] -= 1
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pid = cursor.fetchone()[0]
+            with engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid})
+
+    with httpx.Client(headers=headers, timeout=30) as client:
+        task_id = client.post(base, json={"title": "x"}).json()["id"]
+        assert kill_backends(engine, service.application_name, state="idle") == 1
+        kills_on_arrival[0] = 1
+        response = client.patch(f"{base}/{task_id}/complete")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"]
+        assert kills_on_arrival == [0]
+        after = client.patch(f"{base}/{task_id}/complete")
+        assert after.status_code == 200
+        assert after.json()["completed"] is True  # the failed toggle left nothing behind

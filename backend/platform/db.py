@@ -69,9 +69,15 @@ def build_engine(settings: Settings) -> Engine:
         with dbapi_connection.cursor() as cursor:
             cursor.execute(session_setup)
         dbapi_connection.commit()
+        _record.info["just_opened"] = True
 
     @event.listens_for(engine, "checkout")
-    def _discard_if_hung_up(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    def _discard_if_hung_up(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if record.info.pop("just_opened", False):
+            # Opened this instant (possibly as the replacement for a dead one): its first
+            # statement will tell. Discarding it too would exhaust SQLAlchemy's one retry per
+            # checkout and turn a dead database into InvalidRequestError, a 500.
+            return
         if dbapi_connection.closed or _socket_has_data(dbapi_connection.fileno()):
             log.info("db.connection_discarded", reason="closed by server while idle")
             raise DisconnectionError("connection closed by the server while idle")

@@ -7,12 +7,14 @@ import json
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.platform.auth import UnknownUserError
@@ -101,6 +103,19 @@ async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
     return _AsciiJSONResponse({"detail": problems}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own HTTP errors, except one: a body it cannot even decode (not UTF-8, nested
+    deeper than the parser goes, a number too long to convert) is a bare 400 there; to a client
+    it is an invalid body like `{` is, so it gets the same documented 422."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(
+        exc.__cause__, ValueError | RecursionError
+    ):
+        problem = {"type": "json_invalid", "loc": ["body"], "msg": "The body is not valid JSON"}
+        return _AsciiJSONResponse({"detail": [problem]}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return await http_exception_handler(request, exc)
+
+
 class _AsciiJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
@@ -108,6 +123,7 @@ class _AsciiJSONResponse(JSONResponse):
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(TaskNotFoundError, _task_not_found)
     app.add_exception_handler(UnknownUserError, _unknown_user)
     app.add_exception_handler(DBAPIError, _database_error)

@@ -11,6 +11,7 @@ Each failure is logged once as `auth.failed` with its reason and never any part 
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import jwt
@@ -21,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jwt.exceptions import InvalidSubjectError
 
 from backend.platform.config import Settings
+from backend.platform.jwks import JwksCache, KeyRejected, KeysOutdated, KeysUnavailable
 
 log = structlog.get_logger("backend.auth")
 
@@ -28,7 +30,11 @@ bearer_scheme = HTTPBearer(
     auto_error=False,
     scheme_name="BetterAuthJWT",
     bearerFormat="JWT",
-    description="A JWT for the user, from Better Auth (HS256 signed with BETTER_AUTH_SECRET).",
+    description=(
+        "A JWT for the user from Better Auth: HS256 signed with BETTER_AUTH_SECRET (`sub` = user "
+        "id, or Better Auth's cookie-cache JWT), or its JWT plugin's token (EdDSA by default, "
+        "verified against its JWKS) when the service has BETTER_AUTH_URL."
+    ),
 )
 
 
@@ -58,7 +64,25 @@ class TokenVerifier:
         self._secret = settings.BETTER_AUTH_SECRET
         self._algorithms = settings.jwt_algorithms
         self._leeway = settings.JWT_LEEWAY_SECONDS
-        self._options: Any = {"require": ["exp", "sub"], "verify_sub": True}
+        # `sub` is checked after decoding: Better Auth's cookie-cache JWT carries none.
+        self._options: Any = {"require": ["exp"], "verify_sub": True}
+        self._jwks: JwksCache | None = None
+        self._jwks_algorithms: tuple[str, ...] = ()  # a tuple: `alg` may be unhashable JSON
+        if settings.jwks_url:
+            self._jwks = JwksCache(
+                settings.jwks_url,
+                max_age=settings.JWKS_CACHE_SECONDS,
+                min_interval=settings.JWKS_REFETCH_INTERVAL_SECONDS,
+                timeout=settings.JWKS_TIMEOUT_SECONDS,
+            )
+            self._jwks_algorithms = tuple(settings.jwt_jwks_algorithms)
+        self._jwks_options: Any = {"require": ["exp", "sub", "iss", "aud"], "verify_sub": True}
+        self._issuer = _with_and_without_slash(settings.jwt_issuer)
+        self._audience = _with_and_without_slash(settings.jwt_audience)
+
+    @property
+    def jwks(self) -> JwksCache | None:
+        return self._jwks
 
     def verify(self, token: str) -> str:
         """Return the user id the token was issued for, or raise AuthError."""
@@ -70,20 +94,27 @@ class TokenVerifier:
             # PyJWT refuses a non-string `kid` and any `crit` extension it does not implement
             # here, before the signature; unhandled, these were 500s.
             raise AuthError("invalid_claims", "Token header is not acceptable") from exc
-        if header.get("alg") not in self._algorithms:
+        algorithm = header.get("alg")
+        # Never mixing families: HS* only against the secret, the others only against a JWKS
+        # key published for exactly that algorithm (so HS256 "signed" with a public key fails).
+        asymmetric = algorithm in self._jwks_algorithms
+        if algorithm not in self._algorithms and not asymmetric:
             # Covers `none` in any case and every algorithm we do not hold a key for.
             raise AuthError("bad_signature", "Token signature algorithm is not accepted")
         if "crit" in header:
             # RFC 7515 4.1.11: extensions we do not understand must make the token invalid.
             raise AuthError("invalid_claims", "Token requires unsupported extensions")
         try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=self._algorithms,
-                options=self._options,
-                leeway=self._leeway,
-            )
+            if asymmetric:
+                claims = self._decode_jwks_token(token, header)
+            else:
+                claims = jwt.decode(
+                    token,
+                    self._secret,
+                    algorithms=self._algorithms,
+                    options=self._options,
+                    leeway=self._leeway,
+                )
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("expired", "Token has expired") from exc
         except jwt.ImmatureSignatureError as exc:
@@ -101,9 +132,71 @@ class TokenVerifier:
             # NumericDate, a JSON number.
             raise AuthError("invalid_claims", "Token time claims must be numbers")
         subject = claims.get("sub")
+        if subject is None and not asymmetric:
+            return self._cookie_cache_user(claims)
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError("invalid_claims", "Token lacks a valid subject or expiry")
         return subject
+
+    def _decode_jwks_token(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+        assert self._jwks is not None
+        try:
+            key = self._jwks.key_for(header.get("kid"), header["alg"])
+        except KeyRejected as exc:
+            raise AuthError("bad_signature", str(exc)) from exc
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[header["alg"]],
+            options=self._jwks_options,
+            leeway=self._leeway,
+            issuer=self._issuer,
+            audience=self._audience,
+        )
+        return claims
+
+    def _cookie_cache_user(self, claims: dict[str, Any]) -> str:
+        """The user of Better Auth's cookie cache as a JWT (`session.cookieCache.strategy:
+        "jwt"`, the `better-auth.session_data` cookie): HS256 with the secret, no `sub`, and
+        `{"session": {"userId", "expiresAt", ...}, "user": {"id", ...}, "updatedAt", "exp"}`.
+        Only that exact shape names a user; its session must not have ended either."""
+        session, user = claims.get("session"), claims.get("user")
+        if not isinstance(session, dict) or not isinstance(user, dict):
+            raise AuthError("invalid_claims", "Token lacks a valid subject or expiry")
+        user_id = user.get("id")
+        if (
+            not isinstance(user_id, str)
+            or not user_id.strip()
+            or session.get("userId") != user_id
+            or not _is_numeric_date(claims.get("updatedAt"))
+        ):
+            raise AuthError("invalid_claims", "Token lacks a valid subject or expiry")
+        expires_at = _instant(session.get("expiresAt"))
+        if expires_at is None:
+            raise AuthError("invalid_claims", "Token's session has no valid expiry")
+        if expires_at + self._leeway <= datetime.now(UTC).timestamp():
+            raise AuthError("expired", "Token's session has expired")
+        return user_id
+
+
+def _with_and_without_slash(url: str) -> list[str]:
+    base = url.rstrip("/")
+    return [base, base + "/"]
+
+
+def _instant(value: object) -> float | None:
+    """A Better Auth date as JSON: an ISO 8601 string (`Date.toJSON()`) or epoch milliseconds."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            return None
+        return moment.timestamp()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value / 1000
+    return None
 
 
 _TIME_CLAIMS = ("exp", "nbf", "iat")
@@ -126,14 +219,27 @@ def _bearer_token(request: Request) -> str:
     return token
 
 
-def authenticate(request: Request) -> AuthUser:
+async def _verify(verifier: TokenVerifier, token: str) -> str:
+    """`verify()`, after at most one JWKS fetch in a worker thread when only a fetch can tell."""
+    try:
+        return verifier.verify(token)
+    except KeysOutdated:
+        assert verifier.jwks is not None
+        await verifier.jwks.refresh_async()
+    try:
+        return verifier.verify(token)
+    except KeysOutdated as exc:  # the interval passed again while we fetched: no second fetch
+        raise AuthError("bad_signature", "Token signing key is unknown") from exc
+
+
+async def authenticate(request: Request) -> AuthUser:
     """Verify the request's token and that it belongs to the path's user; cached per request."""
     cached = getattr(request.state, "auth_user", None)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     try:
         verifier: TokenVerifier = request.app.state.token_verifier
-        user_id = verifier.verify(_bearer_token(request))
+        user_id = await _verify(verifier, _bearer_token(request))
         if user_id != request.path_params.get("user_id"):
             raise AuthError(
                 "user_mismatch",
@@ -149,6 +255,14 @@ def authenticate(request: Request) -> AuthUser:
             challenge = "Bearer" if no_token else 'Bearer error="invalid_token"'
             headers = {"WWW-Authenticate": challenge}
         raise HTTPException(exc.status_code, exc.detail, headers=headers) from None
+    except KeysUnavailable:
+        # Not the token's fault: the keys were never fetched and the JWKS endpoint is down.
+        log.warning("jwks.unavailable", status=503)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "The signing keys cannot be fetched; please retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     user = AuthUser(id=user_id)
     request.state.auth_user = user
     structlog.contextvars.bind_contextvars(user_id=user_id)
@@ -160,8 +274,9 @@ async def get_current_user(
     user_id: Annotated[str, Path(description="The signed-in user's id: the token's `sub`.")],
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> AuthUser:
-    """Async on purpose: verifying an HMAC is cheap and needs no thread-pool hop."""
-    return authenticate(request)
+    """Async on purpose: verifying a signature is cheap and needs no thread-pool hop (a JWKS
+    fetch, when one is needed, goes to a worker thread)."""
+    return await authenticate(request)
 
 
 CurrentUser = Annotated[AuthUser, Depends(get_current_user)]
@@ -175,7 +290,7 @@ class AuthenticatedRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def authenticate_then_handle(request: Request) -> Response:
-            authenticate(request)
+            await authenticate(request)
             return await handler(request)
 
         return authenticate_then_handle

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 EXAMPLE_SECRET = "replace-me-with-openssl-rand-base64-32-output"
 MIN_SECRET_LENGTH = 32
 SUPPORTED_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+SUPPORTED_ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256", "ES384", "ES512", "RS256", "PS256")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -30,6 +31,23 @@ class Settings(BaseSettings):
         default="HS256", description="Comma-separated allow-list of HMAC algorithms."
     )
     JWT_LEEWAY_SECONDS: int = Field(default=30, ge=0, le=300)
+    # Better Auth's JWT plugin: tokens signed with the keys published at its JWKS endpoint.
+    BETTER_AUTH_URL: str = Field(
+        default="",
+        description="Better Auth's base URL; enables its JWT plugin's tokens (iss/aud = it).",
+    )
+    JWT_JWKS_URL: str = Field(
+        default="", description="The JWKS; default {BETTER_AUTH_URL}/api/auth/jwks."
+    )
+    JWT_ISSUER: str = Field(default="", description="Expected `iss`; default BETTER_AUTH_URL.")
+    JWT_AUDIENCE: str = Field(default="", description="Expected `aud`; default BETTER_AUTH_URL.")
+    JWT_JWKS_ALGORITHMS: str = Field(
+        default="EdDSA,ES256,ES512,RS256,PS256",
+        description="Comma-separated allow-list of asymmetric algorithms for JWKS tokens.",
+    )
+    JWKS_CACHE_SECONDS: float = Field(default=600, ge=1, le=86_400)
+    JWKS_REFETCH_INTERVAL_SECONDS: float = Field(default=30, ge=1, le=3600)
+    JWKS_TIMEOUT_SECONDS: float = Field(default=5, gt=0, le=60)
     AUTH_USER_TABLE: str = Field(default="user", description="Better Auth's users table.")
 
     CORS_ORIGINS: str = Field(default="http://localhost:3000")
@@ -81,6 +99,35 @@ class Settings(BaseSettings):
             )
         return ",".join(algorithms)
 
+    @field_validator("JWT_JWKS_ALGORITHMS")
+    @classmethod
+    def _algorithms_are_asymmetric(cls, value: str) -> str:
+        algorithms = [a.strip() for a in value.split(",") if a.strip()]
+        unknown = [a for a in algorithms if a not in SUPPORTED_ASYMMETRIC_ALGORITHMS]
+        if not algorithms or unknown:
+            raise ValueError(
+                f"JWT_JWKS_ALGORITHMS must list only {', '.join(SUPPORTED_ASYMMETRIC_ALGORITHMS)}; "
+                f"got {value!r}"
+            )
+        return ",".join(algorithms)
+
+    @field_validator("BETTER_AUTH_URL", "JWT_JWKS_URL")
+    @classmethod
+    def _url_is_http(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _jwks_tokens_are_bound(self) -> "Settings":
+        if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
+            raise ValueError(
+                "JWT_JWKS_URL is set without BETTER_AUTH_URL: set BETTER_AUTH_URL (or both "
+                "JWT_ISSUER and JWT_AUDIENCE) so that the tokens' iss and aud can be checked"
+            )
+        return self
+
     @field_validator("AUTH_USER_TABLE")
     @classmethod
     def _table_is_identifier(cls, value: str) -> str:
@@ -117,6 +164,25 @@ class Settings(BaseSettings):
     @property
     def jwt_algorithms(self) -> list[str]:
         return self.JWT_ALGORITHMS.split(",")
+
+    @property
+    def jwks_url(self) -> str:
+        """Empty when JWKS tokens are off (neither JWT_JWKS_URL nor BETTER_AUTH_URL is set)."""
+        if self.JWT_JWKS_URL:
+            return self.JWT_JWKS_URL
+        return f"{self.BETTER_AUTH_URL.rstrip('/')}/api/auth/jwks" if self.BETTER_AUTH_URL else ""
+
+    @property
+    def jwt_issuer(self) -> str:
+        return self.JWT_ISSUER or self.BETTER_AUTH_URL
+
+    @property
+    def jwt_audience(self) -> str:
+        return self.JWT_AUDIENCE or self.BETTER_AUTH_URL
+
+    @property
+    def jwt_jwks_algorithms(self) -> list[str]:
+        return self.JWT_JWKS_ALGORITHMS.split(",")
 
     @property
     def json_logs(self) -> bool:

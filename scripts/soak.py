@@ -11,12 +11,12 @@ $TEST_DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres), starts
 user doing creates, lists, gets, renames, toggles and deletes of its own tasks in turn. Then it
 compares what the clients were told with what the database holds and prints the figures:
 requests, answers by status, latency, writes acknowledged and writes found. It exits 1 when any
-answer is a 5xx other than 503, when a 503 comes without any fault injected, or when an
-acknowledged write is missing.
+answer is a 5xx other than 503, when there are more 503s than a quarter of the idle connections
+killed (none without kills), or when an acknowledged write is missing.
 
 With --kill-idle-every, the service's idle connections are killed server-side (what Neon's
-suspend does) that often. Those kills are meant to be invisible; a kill landing in the instant
-between a connection's checkout and its first statement can still cost one request a 503.
+suspend does) that often. Those kills are meant to be invisible; only a kill landing in the
+instant between a connection's checkout and its first statement can cost a request a 503.
 """
 
 import argparse
@@ -313,8 +313,11 @@ def main() -> int:
     bad = {s for s in by_status if s not in ("200", "201", "503")}
     if bad:
         problems.append(f"answers other than 200/201/503: {sorted(bad)}")
-    if "503" in by_status and not args.kill_idle_every:
-        problems.append("503s without any fault injected")
+    unavailable = by_status.get("503", 0)
+    if unavailable > figures["idle_connections_killed"] // 4:
+        # Killing idle connections must be invisible; only a kill that lands between a
+        # connection's checkout and its first statement may cost a request (a rare race).
+        problems.append(f"{unavailable} 503s for {figures['idle_connections_killed']} idle kills")
     if figures["writes_missing"]:
         problems.append(f"{len(figures['writes_missing'])} acknowledged writes missing")
     if figures["rows_nobody_was_told_about"]:

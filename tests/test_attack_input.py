@@ -6,6 +6,7 @@ however odd (emoji and right-to-left text at the 200-character edge, SQL text as
 stored and returned exactly.
 """
 
+import re
 from urllib.parse import quote
 
 import pytest
@@ -393,3 +394,86 @@ def test_unknown_status_filter_values_are_422(api, task, session, value):
     assert response.json()["detail"][0]["loc"] == ["query", "status"]
     if len(value) > 8:
         assert value not in response.text
+
+
+# --- what the schema promises is what the server does --------------------------------------------
+
+TITLE_PROBES = [
+    "a",
+    " a ",
+    "x" * 200,
+    "\U0001f600",
+    "\ufeff",  # not whitespace to Python: kept, and the pattern agrees
+    "\u200b",  # zero-width space: likewise
+    "",
+    " ",
+    "\t\n\r",
+    "\u00a0",
+    "\u2003\u3000",
+    "\x1c\x1d\x1e\x1f",  # whitespace to Python's str.strip(), not to pydantic: a title
+    "\x85",  # NEL: whitespace to both
+    "\x00",
+    "a\x00",
+    "\x00a",
+    " \x00 ",
+]
+
+
+def test_the_documented_title_rules_are_exactly_the_enforced_ones(api):
+    """The fuzzer trusts the schema: a title it may send must be accepted, one it may not must
+    be refused. The pattern and length limits published for `title` say precisely which."""
+    schema = api.client.get("/openapi.json").json()["components"]["schemas"]["TaskCreate"]
+    rules = schema["properties"]["title"]
+    pattern = re.compile(rules["pattern"])
+    for title in TITLE_PROBES:
+        within = rules["minLength"] <= len(title) <= rules["maxLength"]
+        documented = within and bool(pattern.search(title))
+        response = api.post("/tasks", json={"title": title})
+        assert response.status_code == (201 if documented else 422), repr(title)
+
+
+def test_the_documented_description_rules_are_exactly_the_enforced_ones(api):
+    schema = api.client.get("/openapi.json").json()["components"]["schemas"]["TaskCreate"]
+    (rules,) = [s for s in schema["properties"]["description"]["anyOf"] if s["type"] == "string"]
+    pattern = re.compile(rules["pattern"])
+    for description in ["", " ", "\x00", "a\x00b", "d" * 1000, "d" * 1001, "\u05e9" * 1000]:
+        documented = len(description) <= rules["maxLength"] and bool(pattern.search(description))
+        response = api.post("/tasks", json={"title": "t", "description": description})
+        assert response.status_code == (201 if documented else 422), repr(description)
+
+
+def test_task_ids_are_documented_as_the_integers_the_column_holds(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, operations in paths.items():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "task_id":
+                    schema = parameter["schema"]
+                    assert (schema["type"], schema["minimum"], schema["maximum"]) == (
+                        "integer",
+                        1,
+                        2**31 - 1,
+                    ), path
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed", "refused"),
+    [
+        ("/tasks", "GET, POST", ["PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]),
+        ("/tasks/1", "DELETE, GET, PATCH, PUT", ["POST", "OPTIONS", "TRACE"]),
+        ("/tasks/1/complete", "PATCH", ["GET", "PUT", "POST", "DELETE", "OPTIONS"]),
+    ],
+)
+def test_an_unsupported_method_is_405_naming_every_method_the_path_has(
+    api, session, path, allowed, refused
+):
+    before = snapshot(session)
+    for method in refused:
+        response = api.request(method, path, json=BODY_FOR_405)
+        assert response.status_code == 405, method
+        assert response.headers["allow"] == allowed, method
+        assert response.json() == {"detail": "Method Not Allowed"}
+    assert snapshot(session) == before
+
+
+BODY_FOR_405 = {"title": "should not be stored"}

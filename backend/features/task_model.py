@@ -85,20 +85,37 @@ def _is_storable_text(value: str) -> str:
     return value
 
 
+# What `_is_storable_text` and trimming enforce, stated in the schema so that clients (and the
+# fuzzer) know them: no NUL anywhere, and a title with something besides whitespace. The class
+# lists what pydantic trims (Unicode White_Space), which is not `\s` in every regex dialect.
+_WHITESPACE = (
+    "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
+_NO_NUL = "^[^\\x00]*$"
+_NO_NUL_NOT_BLANK = f"^[^\\x00]*[^\\x00{_WHITESPACE}][^\\x00]*$"
+
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),
     AfterValidator(_is_storable_text),
     Field(
-        description="1 to 200 characters after trimming surrounding whitespace.",
+        description="1 to 200 characters after trimming surrounding whitespace; no NUL.",
         examples=["Buy milk"],
+        json_schema_extra={"pattern": _NO_NUL_NOT_BLANK},
     ),
 ]
 Description = Annotated[
-    str | None,
-    StringConstraints(max_length=DESCRIPTION_MAX_LENGTH),
+    Annotated[
+        str,
+        StringConstraints(max_length=DESCRIPTION_MAX_LENGTH),
+        Field(json_schema_extra={"pattern": _NO_NUL}),
+    ]
+    | None,
     AfterValidator(lambda v: v if v is None else _is_storable_text(v)),
-    Field(description="Up to 1000 characters; null for none.", examples=["2 litres, semi-skimmed"]),
+    Field(
+        description="Up to 1000 characters, no NUL; null for none.",
+        examples=["2 litres, semi-skimmed"],
+    ),
 ]
 
 
@@ -127,7 +144,13 @@ class TaskRead(BaseModel):
 
 async def parse_task_id(
     task_id: Annotated[
-        str, Path(description="The task's id: a positive integer. Anything else is 404.")
+        str,
+        Path(
+            description="The task's id: a positive integer. Anything else is 404.",
+            # Parsed here rather than by FastAPI (which would answer 422), yet documented as
+            # what it is: the integer `id` of a task, within the column's range.
+            json_schema_extra={"type": "integer", "minimum": 1, "maximum": MAX_TASK_ID},
+        ),
     ],
 ) -> int:
     """Any id that cannot name a row is simply not found: 404, never 422 or 500."""

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.platform.auth import UnknownUserError
@@ -113,7 +114,27 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     ):
         problem = {"type": "json_invalid", "loc": ["body"], "msg": "The body is not valid JSON"}
         return _AsciiJSONResponse({"detail": [problem]}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        # Each slice mounts its own route, so Starlette's `Allow` names only the first route
+        # whose path matched (`POST` for /tasks); RFC 9110 wants every method the path has.
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     return await http_exception_handler(request, exc)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route fully matches for this path (asked through `matches()` alone:
+    FastAPI wraps included routers in objects of its own)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
 
 
 class _AsciiJSONResponse(JSONResponse):

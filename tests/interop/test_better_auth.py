@@ -177,3 +177,12 @@ def test_signing_in_again_gives_tokens_that_still_work(stack, frontend):
             t["title"] for t in Api(stack, again.user_id, frontend.token(again, kind))("GET").json()
         ]
         assert titles == ["t"], kind
+
+
+def test_the_session_token_is_not_an_api_token(stack, frontend):
+    """The bearer plugin's `set-auth-token` (the `better-auth.session_token` cookie) is opaque:
+    only Better Auth can look it up, so the API refuses it."""
+    account = frontend.sign_up("Opaque")
+    response = Api(stack, account.user_id, account.session_token)("GET")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Malformed token"}

@@ -7,7 +7,8 @@
  *
  *   const api = createTodoApi({
  *     baseUrl: process.env.NEXT_PUBLIC_API_URL!,
- *     getToken: async () => (await authClient.token()).data!.token, // Better Auth jwt() plugin
+ *     // Better Auth's jwt() plugin, with jwtClient() on the auth client:
+ *     getToken: async () => (await authClient.token()).data!.token,
  *   });
  *   const tasks = await api.listTasks(session.user.id, "pending");
  */

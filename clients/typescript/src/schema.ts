@@ -139,13 +139,13 @@ export interface components {
             completed: boolean;
             /**
              * Description
-             * @description Up to 1000 characters; null for none.
+             * @description Up to 1000 characters, no NUL; null for none.
              * @example 2 litres, semi-skimmed
              */
             description?: string | null;
             /**
              * Title
-             * @description 1 to 200 characters after trimming surrounding whitespace.
+             * @description 1 to 200 characters after trimming surrounding whitespace; no NUL.
              * @example Buy milk
              */
             title: string;
@@ -159,13 +159,13 @@ export interface components {
             completed?: boolean;
             /**
              * Description
-             * @description Up to 1000 characters; null for none.
+             * @description Up to 1000 characters, no NUL; null for none.
              * @example 2 litres, semi-skimmed
              */
             description?: string | null;
             /**
              * Title
-             * @description 1 to 200 characters after trimming surrounding whitespace.
+             * @description 1 to 200 characters after trimming surrounding whitespace; no NUL.
              * @example Buy milk
              */
             title?: string;
@@ -224,13 +224,13 @@ export interface components {
             completed?: boolean;
             /**
              * Description
-             * @description Up to 1000 characters; null for none.
+             * @description Up to 1000 characters, no NUL; null for none.
              * @example 2 litres, semi-skimmed
              */
             description?: string | null;
             /**
              * Title
-             * @description 1 to 200 characters after trimming surrounding whitespace.
+             * @description 1 to 200 characters after trimming surrounding whitespace; no NUL.
              * @example Buy milk
              */
             title: string;
@@ -398,7 +398,7 @@ export interface operations {
             header?: never;
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
-                task_id: string;
+                task_id: number;
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
             };
@@ -466,7 +466,7 @@ export interface operations {
             header?: never;
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
-                task_id: string;
+                task_id: number;
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
             };
@@ -547,7 +547,7 @@ export interface operations {
             header?: never;
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
-                task_id: string;
+                task_id: number;
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
             };
@@ -615,7 +615,7 @@ export interface operations {
             header?: never;
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
-                task_id: string;
+                task_id: number;
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
             };
@@ -696,7 +696,7 @@ export interface operations {
             header?: never;
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
-                task_id: string;
+                task_id: number;
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
             };

@@ -415,8 +415,9 @@ def test_the_valid_token_these_attacks_start_from_is_accepted_on_every_route(
     """The control: the same requests with an honest token do get through (so each attack above
     is refused for what it changed, not for something else)."""
     target, _ = victim_state
+    target_id = target.id  # read once: the DELETE below removes the row behind the object
     headers = {"Authorization": f"Bearer {_valid(user.id, keys)}"}
-    statuses = [send(client, r, user.id, target.id, headers=headers).status_code for r in ROUTES]
+    statuses = [send(client, r, user.id, target_id, headers=headers).status_code for r in ROUTES]
     assert statuses == [201, 200, 200, 200, 200, 200, 404]  # toggle after delete: gone
 
 
@@ -426,3 +427,27 @@ def test_hand_assembled_tokens_are_accepted_when_honest(client, user, keys):
     response = client.get(f"/api/{user.id}/tasks", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
     assert response.json() == []
+
+
+COOKIE_NAMES = [
+    "better-auth.session_data",
+    "__Secure-better-auth.session_data",
+    "better-auth.session_token",
+    "token",
+    "access_token",
+    "Authorization",
+]
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=str)
+@pytest.mark.parametrize("cookie", COOKIE_NAMES)
+def test_a_token_in_a_cookie_is_never_read(
+    client, user, session, victim_state, make_token, capsys, route, cookie
+):
+    """Only the Authorization header counts: a cookie would make every route CSRF-able."""
+    target, before = victim_state
+    token = make_token(user)
+    headers = {"Cookie": f"{cookie}={token}"}
+    capsys.readouterr()
+    response = send(client, route, user.id, target.id, headers=headers)
+    _assert_refused(response, "missing_token", token_fragments(token), capsys, session, before)

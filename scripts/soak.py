@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -221,14 +222,18 @@ def main() -> int:
     admin.cursor().execute(f'CREATE DATABASE "{database}"')
     port = free_port()
     process = None
+    server_log = tempfile.TemporaryFile()  # a pipe nobody reads would block the server
     try:
         env = {**os.environ, "DATABASE_URL": service_url, "BETTER_AUTH_SECRET": secret}
         env["LOG_LEVEL"] = "WARNING"  # one line per request would measure the log, not the service
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
-            [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+            [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)]
+            # A starved client can leave a kept-alive connection idle past uvicorn's 5 s and
+            # lose the race with its close: that measures the client, not the service.
+            + ["--timeout-keep-alive", "60"],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=server_log,
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
@@ -288,6 +293,12 @@ def main() -> int:
         admin.cursor().execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
 
+    server_log.seek(0)
+    server_errors = [
+        line
+        for line in server_log.read().decode(errors="replace").splitlines()
+        if '"level": "error"' in line or "Traceback" in line or line.startswith("ERROR")
+    ]
     calls = [call for client in clients for call in client.calls]
     by_status: dict[str, int] = {}
     for call in calls:
@@ -305,6 +316,8 @@ def main() -> int:
             "max": round(latencies[-1], 1),
         },
         "idle_connections_killed": sum(kills),
+        "transport_errors": sorted({c.body["detail"] for c in calls if c.status == 0}),
+        "server_errors_logged": server_errors[:20],
         **verify(clients, rows),
     }
     print(json.dumps(figures, indent=2))
@@ -320,6 +333,8 @@ def main() -> int:
         problems.append(f"{unavailable} 503s for {figures['idle_connections_killed']} idle kills")
     if figures["writes_missing"]:
         problems.append(f"{len(figures['writes_missing'])} acknowledged writes missing")
+    if server_errors:
+        problems.append(f"{len(server_errors)} errors in the service's log")
     if figures["rows_nobody_was_told_about"]:
         problems.append("rows in the database that no client created")
     for problem in problems:

@@ -34,7 +34,7 @@ Each signed-in user's tasks. Every `/api/{user_id}/tasks` route needs
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
-    engine = engine or build_engine(settings)
+    engine = engine or build_engine(settings, autocommit=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -16,7 +16,7 @@ from pydantic import (
     StringConstraints,
     field_validator,
 )
-from sqlalchemy import Boolean, Column, DateTime, Integer, String, Text, func
+from sqlalchemy import Boolean, Column, DateTime, Integer, String, Table, Text, bindparam, func
 from sqlmodel import Field as ColumnField
 from sqlmodel import SQLModel
 
@@ -52,7 +52,13 @@ class Task(SQLModel, table=True):
     )
 
 
-TASK_COLUMNS = tuple(Task.__table__.c)  # type: ignore[attr-defined]
+# Each slice's statement is one Core statement on the model's table, built once at import: an
+# ORM-enabled UPDATE/DELETE (`update(Task)`) would synchronise an identity map the request does
+# not have, and a statement built per request is walked again for its cache key. Both cost more
+# CPU than the round trip itself (see the README's Performance section). They still run through
+# the request's session.
+TASKS: Table = Task.__table__  # type: ignore[attr-defined]
+TASK_COLUMNS = tuple(TASKS.c)
 
 
 def schema_ddl(auth_user_table: str) -> list[str]:
@@ -164,14 +170,24 @@ async def parse_task_id(
 TaskId = Annotated[int, Depends(parse_task_id)]
 
 
-def owned_by(user_id: str, task_id: int) -> tuple[Any, ...]:
-    """The ownership guard every single-task statement filters on: another user's task is
-    indistinguishable from a missing one."""
-    return (Task.id == task_id, Task.user_id == user_id)
+# The ownership guard every single-task statement filters on: another user's task is
+# indistinguishable from a missing one. Its values are bound per request by `owner_params`.
+OWNED_BY_CALLER = (TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner_id"))
+
+
+def owner_params(user_id: str, task_id: int) -> dict[str, Any]:
+    """The values of `OWNED_BY_CALLER` for one request."""
+    return {"owner_id": user_id, "task_id": task_id}
 
 
 def tasks_router() -> APIRouter:
-    """The router each slice declares its one route on: authenticated first, errors documented."""
+    """The router each slice declares its one route on: authenticated first, errors documented.
+
+    Routes are `async def` and hand their handler, which uses the blocking session, to the thread
+    pool themselves (`await run_in_threadpool(handler, session, ...)`). That is one thread hop
+    per request; a sync `def` route costs two, because FastAPI then also validates its return
+    value in the thread pool.
+    """
     return APIRouter(
         prefix="/api/{user_id}/tasks",
         tags=["tasks"],

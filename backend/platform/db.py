@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlmodel import Session, create_engine
 from starlette.concurrency import run_in_threadpool
@@ -19,8 +19,14 @@ from backend.platform.config import Settings
 log = structlog.get_logger("backend.db")
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
     """A psycopg2 pool sized and timed from settings, safe against connections dropped idle.
+
+    `autocommit=True` is the serving app's engine (`create_app` builds it so). Every handler
+    sends exactly one statement, which PostgreSQL runs atomically on its own; in psycopg2's
+    default mode the same request costs three round trips (BEGIN, the statement, COMMIT).
+    Anything that needs a transaction of several statements (DDL, tests) takes a connection
+    from a transactional engine, or `transactional(connection)`.
 
     Neon suspends idle computes and a restarted server kills its backends; in both cases the
     server closes the socket of every idle pooled connection. Rather than a `SELECT 1` on each
@@ -42,6 +48,7 @@ def build_engine(settings: Settings) -> Engine:
         pool_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
         pool_recycle=settings.DB_POOL_RECYCLE_SECONDS,
         pool_pre_ping=False,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
             "connection_factory": _connection_class(
                 connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS,
@@ -159,9 +166,14 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def transactional(connection: Connection) -> Connection:
+    """The connection in PostgreSQL's default transaction mode, whatever its engine's."""
+    return connection.execution_options(isolation_level="READ COMMITTED")
+
+
 def run_ddl(engine: Engine, statements: list[str]) -> None:
     """Run DDL idempotently, serialised across workers by an advisory lock."""
-    with engine.begin() as connection:
+    with transactional(engine.connect()) as connection, connection.begin():
         connection.execute(text("SELECT pg_advisory_xact_lock(727274)"))
         for statement in statements:
             connection.execute(text(statement))

@@ -6,23 +6,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from backend.features.create.schema import TaskCreate
-from backend.features.task_model import TASK_COLUMNS, Task, TaskRead
+from backend.features.task_model import TASK_COLUMNS, TASKS, TaskRead
 from backend.platform.auth import UnknownUserError
+
+CREATE_TASK = insert(TASKS).returning(*TASK_COLUMNS)
 
 
 def create_task(session: Session, *, user_id: str, data: TaskCreate) -> TaskRead:
-    statement = (
-        insert(Task)
-        .values(
-            user_id=user_id,
-            title=data.title,
-            description=data.description,
-            completed=data.completed,
-        )
-        .returning(*TASK_COLUMNS)
-    )
+    values = {
+        "user_id": user_id,
+        "title": data.title,
+        "description": data.description,
+        "completed": data.completed,
+    }
     try:
-        row = session.execute(statement).one()
+        row = session.execute(CREATE_TASK, values).one()
         session.commit()
     except IntegrityError as exc:
         session.rollback()

@@ -1,6 +1,7 @@
 """Create: `POST /api/{user_id}/tasks`."""
 
 from fastapi import status
+from starlette.concurrency import run_in_threadpool
 
 from backend.features.create.handler import create_task
 from backend.features.create.schema import TaskCreate
@@ -19,6 +20,6 @@ router = tasks_router()
     summary="Create a task",
     responses=error_responses(413),
 )
-def create(body: TaskCreate, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def create(body: TaskCreate, user: CurrentUser, session: SessionDep) -> TaskRead:
     """Create a task owned by the signed-in user; committed before the 201 is sent."""
-    return create_task(session, user_id=user.id, data=body)
+    return await run_in_threadpool(create_task, session, user_id=user.id, data=body)

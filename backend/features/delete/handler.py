@@ -3,13 +3,20 @@
 from sqlalchemy import delete
 from sqlmodel import Session
 
-from backend.features.task_model import TASK_COLUMNS, Task, TaskRead, owned_by
+from backend.features.task_model import (
+    OWNED_BY_CALLER,
+    TASK_COLUMNS,
+    TASKS,
+    TaskRead,
+    owner_params,
+)
 from backend.platform.errors import TaskNotFoundError
+
+DELETE_TASK = delete(TASKS).where(*OWNED_BY_CALLER).returning(*TASK_COLUMNS)
 
 
 def delete_task(session: Session, *, user_id: str, task_id: int) -> TaskRead:
-    statement = delete(Task).where(*owned_by(user_id, task_id)).returning(*TASK_COLUMNS)
-    row = session.execute(statement).one_or_none()
+    row = session.execute(DELETE_TASK, owner_params(user_id, task_id)).one_or_none()
     session.commit()
     if row is None:
         raise TaskNotFoundError

@@ -1,5 +1,7 @@
 """Delete: `DELETE /api/{user_id}/tasks/{task_id}`."""
 
+from starlette.concurrency import run_in_threadpool
+
 from backend.features.delete.handler import delete_task
 from backend.features.delete.schema import TaskRead
 from backend.features.task_model import TaskId, tasks_router
@@ -10,6 +12,6 @@ router = tasks_router()
 
 
 @router.delete("/{task_id}", response_model=TaskRead, summary="Delete a task")
-def delete(task_id: TaskId, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def delete(task_id: TaskId, user: CurrentUser, session: SessionDep) -> TaskRead:
     """Delete one of the signed-in user's tasks; the response is the task as it was."""
-    return delete_task(session, user_id=user.id, task_id=task_id)
+    return await run_in_threadpool(delete_task, session, user_id=user.id, task_id=task_id)

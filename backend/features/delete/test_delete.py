@@ -7,17 +7,20 @@ from tests.factories import TaskFactory
 
 
 def test_delete_returns_the_deleted_task_and_removes_it(api, task, session):
-    before = api.get(f"/tasks/{task.id}").json()
-    response = api.delete(f"/tasks/{task.id}")
+    # Read before deleting: the factory's object cannot be refreshed once its row is gone.
+    task_id = task.id
+    before = api.get(f"/tasks/{task_id}").json()
+    response = api.delete(f"/tasks/{task_id}")
     assert response.status_code == 200
     assert response.json() == before
-    assert api.get(f"/tasks/{task.id}").status_code == 404
-    assert session.scalar(select(Task.id).where(Task.id == task.id)) is None
+    assert api.get(f"/tasks/{task_id}").status_code == 404
+    assert session.scalar(select(Task.id).where(Task.id == task_id)) is None
 
 
 def test_deleting_twice_is_404(api, task):
-    assert api.delete(f"/tasks/{task.id}").status_code == 200
-    second = api.delete(f"/tasks/{task.id}")
+    task_id = task.id
+    assert api.delete(f"/tasks/{task_id}").status_code == 200
+    second = api.delete(f"/tasks/{task_id}")
     assert second.status_code == 404
     assert second.json() == {"detail": "Task not found"}
 

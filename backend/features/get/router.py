@@ -1,5 +1,7 @@
 """Get: `GET /api/{user_id}/tasks/{task_id}`."""
 
+from starlette.concurrency import run_in_threadpool
+
 from backend.features.get.handler import get_task
 from backend.features.get.schema import TaskRead
 from backend.features.task_model import TaskId, tasks_router
@@ -10,6 +12,6 @@ router = tasks_router()
 
 
 @router.get("/{task_id}", response_model=TaskRead, summary="Get a task")
-def get(task_id: TaskId, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def get(task_id: TaskId, user: CurrentUser, session: SessionDep) -> TaskRead:
     """One of the signed-in user's tasks; 404 if it is missing or someone else's."""
-    return get_task(session, user_id=user.id, task_id=task_id)
+    return await run_in_threadpool(get_task, session, user_id=user.id, task_id=task_id)

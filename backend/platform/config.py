@@ -52,8 +52,11 @@ class Settings(BaseSettings):
 
     CORS_ORIGINS: str = Field(default="http://localhost:3000")
 
-    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
-    DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
+    # Overflow connections are closed as soon as they are returned to a full pool, so under
+    # steady load above DB_POOL_SIZE requests each would open a new one (a PostgreSQL backend
+    # started per few requests). The pool is sized for the load instead, with no overflow.
+    DB_POOL_SIZE: int = Field(default=20, ge=1, le=200)
+    DB_MAX_OVERFLOW: int = Field(default=0, ge=0, le=200)
     DB_POOL_TIMEOUT_SECONDS: float = Field(default=5.0, gt=0, le=60)
     DB_POOL_RECYCLE_SECONDS: int = Field(default=240, ge=1, lt=300)
     DB_CONNECT_TIMEOUT_SECONDS: int = Field(default=5, ge=1, le=60)

@@ -6,6 +6,7 @@ Outside CI these tests skip, saying why, only when Node.js (or, for the browser 
 not installed; with INTEROP_REQUIRED=1 (set by .ci/run) a missing tool is a failure instead.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -66,6 +67,21 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def claim_frontend_port() -> tuple[int, Any]:
+    """Port 3000 when no other test run holds it (a lock held for the whole stack, so that two
+    runs at once cannot both pick it), else any free port; the frontend's origin follows it."""
+    lock = open(f"/tmp/todo-api-interop-port-{FRONTEND_PORT}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return free_port(), None
+    if not port_is_free(FRONTEND_PORT):
+        lock.close()
+        return free_port(), None
+    return FRONTEND_PORT, lock
 
 
 @dataclass
@@ -179,7 +195,7 @@ def stack(request: pytest.FixtureRequest, node: str, tmp_path_factory: Any) -> I
     order = request.param
     logs = tmp_path_factory.mktemp(f"interop-{order}")
     database_url, handle = _database(_server_url())
-    auth_port = FRONTEND_PORT if port_is_free(FRONTEND_PORT) else free_port()
+    auth_port, port_lock = claim_frontend_port()
     other_port, api_port = free_port(), free_port()
     auth_url = f"http://localhost:{auth_port}"
     api_url = f"http://127.0.0.1:{api_port}"
@@ -272,6 +288,8 @@ def stack(request: pytest.FixtureRequest, node: str, tmp_path_factory: Any) -> I
             if process.proc is not None:
                 process.stop()
         _drop_database(handle)
+        if port_lock is not None:
+            port_lock.close()
 
 
 # --- a frontend's view of Better Auth -----------------------------------------------------------

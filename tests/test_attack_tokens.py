@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -613,3 +614,18 @@ def test_the_published_keys_tokens_are_accepted_on_every_route(
         send(jwks_client, r, user.id, target_id, headers=headers).status_code for r in ROUTES
     ]
     assert statuses == [201, 200, 200, 200, 200, 200, 404]
+
+
+@pytest.mark.parametrize("size", [20_000, 200_000])
+def test_a_huge_forged_token_is_a_401_through_the_real_http_stack(live_url, committed_user, size):
+    """uvicorn, not the test client: the header is not cut or refused on the way, and a token of
+    that size costs one failed signature check."""
+    payload = claims(committed_user, pad="A" * size)
+    token = hs_sign({"alg": "HS256"}, payload, OTHER_SECRET.encode())
+    response = httpx.get(
+        f"{live_url}/api/{committed_user}/tasks",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Token signature is invalid"}

@@ -9,6 +9,7 @@ Order of checks for every task route, before the body is even read:
 Each failure is logged once as `auth.failed` with its reason and never any part of the token.
 """
 
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from backend.platform.config import Settings
 from backend.platform.jwks import JwksCache, KeyRejected, KeysOutdated, KeysUnavailable
 
 log = structlog.get_logger("backend.auth")
+
+VERIFIED_TOKENS_MAX = 4096
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -79,6 +82,12 @@ class TokenVerifier:
         self._jwks_options: Any = {"require": ["exp", "sub", "iss", "aud"], "verify_sub": True}
         self._issuer = _with_and_without_slash(settings.jwt_issuer)
         self._audience = _with_and_without_slash(settings.jwt_audience)
+        # Tokens signed with the secret and already verified, each with its user and the time it
+        # expires (exp + leeway). A frontend sends the same token with every request until it
+        # expires, and decoding it again was the largest single cost of a request (see the
+        # README's Performance section). Looked up by the exact token string; JWKS tokens are
+        # not kept (their key can be withdrawn before they expire); bounded, oldest out first.
+        self._verified: dict[str, tuple[str, float]] = {}
 
     @property
     def jwks(self) -> JwksCache | None:
@@ -86,6 +95,11 @@ class TokenVerifier:
 
     def verify(self, token: str) -> str:
         """Return the user id the token was issued for, or raise AuthError."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known[1]:
+                return known[0]
+            del self._verified[token]  # expired: verified again below, and refused
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
@@ -136,7 +150,14 @@ class TokenVerifier:
             return self._cookie_cache_user(claims)
         if not isinstance(subject, str) or not subject.strip():
             raise AuthError("invalid_claims", "Token lacks a valid subject or expiry")
+        if not asymmetric:
+            self._remember(token, subject, int(claims["exp"]))  # PyJWT's int() of it too
         return subject
+
+    def _remember(self, token: str, subject: str, expires_at: float) -> None:
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (subject, expires_at + self._leeway)
 
     def _decode_jwks_token(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
         assert self._jwks is not None

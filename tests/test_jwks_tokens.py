@@ -370,7 +370,8 @@ def test_unusable_jwks_entries_are_skipped(jwks, jwks_client, ed_key, user):
 
 def test_jwks_fetch_never_blocks_the_event_loop(jwks, settings, engine, ed_key):
     """A JWKS that takes 2.5 s to answer holds up only the requests that need it: an HS256
-    request sent meanwhile through the same server is answered at once."""
+    request sent meanwhile through the same server is answered at once, even with more requests
+    waiting for the keys (50) than the thread pool that runs the handlers has threads (40)."""
     jwks.delay = 2.5
     app = create_app(jwks_settings(settings, jwks), engine=engine)
     port = _free_port()
@@ -395,20 +396,27 @@ def test_jwks_fetch_never_blocks_the_event_loop(jwks, settings, engine, ed_key):
             {"sub": user_id, "exp": int(time.time()) + 600}, TEST_SECRET, algorithm="HS256"
         )
         eddsa = ed_key.sign(claims(jwks, user_id))
-        with ThreadPoolExecutor(4) as pool:
+        waiting = 50
+        # Clients made up front: making one costs CPU (TLS context) this process shares.
+        limits = httpx.Limits(max_connections=waiting + 1)
+        with (
+            httpx.Client(limits=limits, timeout=20) as many,
+            httpx.Client(timeout=20) as one,
+            ThreadPoolExecutor(waiting) as pool,
+        ):
             slow = [
-                pool.submit(httpx.get, url, headers={"Authorization": f"Bearer {eddsa}"})
-                for _ in range(3)
+                pool.submit(many.get, url, headers={"Authorization": f"Bearer {eddsa}"})
+                for _ in range(waiting)
             ]
-            time.sleep(0.3)  # the JWKS fetch is under way
+            time.sleep(0.8)  # the JWKS fetch is under way, every request waiting for it
             started = time.monotonic()
-            fast = httpx.get(url, headers={"Authorization": f"Bearer {hs256}"})
+            fast = one.get(url, headers={"Authorization": f"Bearer {hs256}"})
             elapsed = time.monotonic() - started
             assert fast.status_code == 200
             # Well under the fetch's 2.5 s (with room for a busy two-core CI machine).
             assert elapsed < 1.2, f"an HS256 request waited {elapsed:.2f}s behind the JWKS fetch"
-            assert [f.result(timeout=10).status_code for f in slow] == [200, 200, 200]
-        assert jwks.hits == 1  # three requests needed the keys; one fetch served them all
+            assert [f.result(timeout=20).status_code for f in slow] == [200] * waiting
+        assert jwks.hits == 1  # all of them needed the keys; one fetch served them all
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -3,11 +3,12 @@ refetched at most once per interval, and still served while the endpoint is down
 
 `key_for()` never does I/O; when only a fetch could answer it (a `kid` not seen yet, or keys
 older than `max_age`) and a fetch is allowed, it raises `KeysOutdated` and the caller awaits
-`refresh_async()` (a worker thread) before asking again. Fetches are spaced by `min_interval`
-whatever happens, so a flood of forged `kid`s costs the JWKS endpoint one request per interval,
-and a failed fetch keeps the keys we already hold.
+`refresh_async()` (the fetch runs in a thread of its own) before asking again. Fetches are
+spaced by `min_interval` whatever happens, so a flood of forged `kid`s costs the JWKS endpoint
+one request per interval, and a failed fetch keeps the keys we already hold.
 """
 
+import asyncio
 import json
 import math
 import threading
@@ -15,12 +16,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import structlog
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
-from starlette.concurrency import run_in_threadpool
 
 log = structlog.get_logger("backend.jwks")
 
@@ -130,17 +131,21 @@ class JwksCache:
         self._fetched_at = -math.inf  # last successful fetch
         self._attempted_at = -math.inf  # last fetch, successful or not
         self._ever_fetched = False
-        self._fetching = False
-        self._lock = threading.Lock()  # not asyncio's: it must hold across event loops
+        # One thread of our own does every fetch: requests waiting for keys await its future
+        # and hold no thread of the pool that runs the handlers. A concurrent.futures.Future
+        # (not an asyncio one) so that it can be awaited from any event loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jwks-fetch")
+        self._inflight: Future[None] | None = None
+        self._state = threading.Lock()  # guards _inflight/_attempted_at; never held over I/O
 
     def key_for(self, kid: object, algorithm: str) -> PyJWK:
         """The key to verify a token with this header's `kid` and `alg`, without any I/O."""
-        now = self._clock()
-        # A fetch under way counts as allowed: waiting for it (refresh() queues on the lock)
-        # beats refusing a token whose key is arriving.
-        fetch_allowed = self._fetching or now - self._attempted_at >= self._min_interval
         if not isinstance(kid, str):
             raise KeyRejected("Token names no signing key (`kid`)")
+        now = self._clock()
+        # A fetch under way counts as allowed: waiting for it beats refusing a token whose key
+        # is arriving.
+        fetch_allowed = self._inflight is not None or now - self._attempted_at >= self._min_interval
         key = self._keys.get(kid)
         if key is None:
             if fetch_allowed:
@@ -155,30 +160,34 @@ class JwksCache:
         return key.for_algorithm(algorithm)
 
     async def refresh_async(self) -> None:
-        await run_in_threadpool(self.refresh)
+        """Wait for a fetch of the JWKS: the one under way, or a new one unless the last began
+        less than `min_interval` ago. Never raises for a failed fetch (that keeps the keys)."""
+        with self._state:
+            if self._inflight is None:
+                if self._clock() - self._attempted_at < self._min_interval:
+                    return
+                self._attempted_at = self._clock()
+                self._inflight = self._executor.submit(self._fetch_and_store)
+            inflight = self._inflight
+        await asyncio.wrap_future(inflight)
 
-    def refresh(self) -> None:
-        """Fetch the JWKS now unless another fetch happened within the interval. Blocking: run
-        it in a worker thread. A failure keeps the keys we hold and is logged."""
-        with self._lock:
-            if self._clock() - self._attempted_at < self._min_interval:
-                return  # someone else fetched while we waited for the lock
-            self._attempted_at = self._clock()
-            self._fetching = True
-            try:
-                keys = parse_jwks(self._fetch(self.url, self._timeout))
-            except (OSError, urllib.error.URLError, ValueError) as exc:
-                # OSError covers refused connections and timeouts, ValueError bad JSON/shape.
-                log.warning(
-                    "jwks.fetch_failed",
-                    url=self.url,
-                    error=type(exc).__name__,
-                    cached_keys=len(self._keys),
-                )
-                return
-            finally:
-                self._fetching = False
+    def _fetch_and_store(self) -> None:
+        try:
+            keys = parse_jwks(self._fetch(self.url, self._timeout))
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            # OSError covers refused connections and timeouts, ValueError bad JSON or shape.
+            log.warning(
+                "jwks.fetch_failed",
+                url=self.url,
+                error=type(exc).__name__,
+                cached_keys=len(self._keys),
+            )
+            return
+        else:
             self._keys = keys
             self._fetched_at = self._clock()
             self._ever_fetched = True
             log.info("jwks.fetched", url=self.url, keys=len(keys))
+        finally:
+            with self._state:
+                self._inflight = None

@@ -507,3 +507,32 @@ def test_unknown_user_is_logged_as_an_auth_failure(client, make_token, capsys):
     )
     failures = [x for x in json_lines(capsys.readouterr().out) if x["event"] == "auth.failed"]
     assert [(x["reason"], x["status"]) for x in failures] == [("unknown_user", 401)]
+
+
+def test_log_lines_from_concurrent_threads_never_share_a_line(client, capsys):
+    import logging
+
+    import structlog
+
+    capsys.readouterr()
+    ours, foreign = structlog.get_logger("concurrency"), logging.getLogger("sqlalchemy.check")
+
+    def write(n):
+        for i in range(200):
+            ours.info("ours", n=n, i=i, pad="x" * 300)
+            foreign.warning("foreign %s %s %s", n, i, "y" * 300)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, as real I/O would
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    lines = capsys.readouterr().out.splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line is one whole JSON object
+    assert sum(1 for x in parsed if x["event"] == "ours") == 1600
+    assert sum(1 for x in parsed if x["event"].startswith("foreign")) == 1600

@@ -20,13 +20,20 @@ log = structlog.get_logger("backend.request")
 
 
 class _Stdout:
-    """Writes to whatever `sys.stdout` is at the time (so test capture and redirects see it)."""
+    """Writes to whatever `sys.stdout` is at the time (so test capture and redirects see it).
+
+    Both structlog and the standard library write each line as one `write` call of the whole
+    line and its newline, so lines from concurrent threads never share a line.
+    """
 
     def write(self, text: str) -> int:
         return sys.stdout.write(text)
 
     def flush(self) -> None:
         sys.stdout.flush()
+
+
+_STDOUT = _Stdout()
 
 
 def configure_logging(settings: Settings) -> None:
@@ -50,10 +57,10 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(_Stdout()),  # type: ignore[arg-type]
+        logger_factory=structlog.WriteLoggerFactory(_STDOUT),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(_Stdout())
+    handler = logging.StreamHandler(_STDOUT)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

@@ -629,3 +629,20 @@ def test_a_huge_forged_token_is_a_401_through_the_real_http_stack(live_url, comm
     )
     assert response.status_code == 401
     assert response.json() == {"detail": "Token signature is invalid"}
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=str)
+@pytest.mark.parametrize("order", ["victim first", "attacker first"])
+def test_two_authorization_headers_are_refused_whichever_comes_first(
+    client, user, other_user, session, victim_state, make_token, capsys, route, order
+):
+    """Two credentials in one request: never judged by whichever a layer happens to pick."""
+    target, before = victim_state
+    victim, attacker = make_token(user), make_token(other_user)
+    tokens = [victim, attacker] if order == "victim first" else [attacker, victim]
+    headers = [("Authorization", f"Bearer {token}") for token in tokens]
+    capsys.readouterr()
+    response = send(client, route, user.id, target.id, headers=headers)
+    secrets = token_fragments(victim) + token_fragments(attacker)
+    _assert_refused(response, "malformed_token", secrets, capsys, session, before)
+    assert response.json() == {"detail": "Send exactly one Authorization header"}

@@ -228,7 +228,12 @@ def _is_numeric_date(value: object) -> bool:
 
 
 def _bearer_token(request: Request) -> str:
-    header = request.headers.get("authorization")
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        # Proxies and frameworks disagree on which of several wins (Starlette takes the first):
+        # a request carrying two credentials is refused, not judged by one of them.
+        raise AuthError("malformed_token", "Send exactly one Authorization header")
+    header = values[0] if values else None
     if header is None or not header.strip():
         raise AuthError("missing_token", "Not authenticated")
     scheme, _, token = header.strip().partition(" ")

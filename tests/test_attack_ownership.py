@@ -305,3 +305,33 @@ def test_users_working_at_the_same_time_each_see_exactly_their_own(
         by_id = {t["id"]: t for t in listed}
         assert by_id[created[user_id][0]]["completed"] is True
         assert by_id[created[user_id][1]]["title"] == BODY["title"]
+
+
+def test_unicode_lookalike_user_ids_are_different_users(client, session, auth_headers):
+    """`sub` and the path compare as exact strings: no normalisation, no case folding."""
+    composed = UserFactory(id="jos\u00e9")  # é as one code point (NFC)
+    decomposed = UserFactory(id="jose\u0301")  # e + combining acute (NFD)
+    TaskFactory(user_id=composed.id, title="composed's")
+    before = snapshot(session)
+    for path_user in (composed.id, "JOS\u00c9", "jos\u00e9\u200b", "jose\u0301\u200b"):
+        response = client.get(f"/api/{path_user}/tasks", headers=auth_headers(decomposed))
+        assert response.status_code == 403, repr(path_user)
+    own = client.get(f"/api/{decomposed.id}/tasks", headers=auth_headers(decomposed))
+    assert own.json() == []
+    assert snapshot(session) == before
+
+
+@pytest.mark.parametrize(
+    "override", ["X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method"]
+)
+def test_method_override_headers_are_ignored(client, session, auth_headers, alices_task, override):
+    before = snapshot(session)
+    headers = {**auth_headers(alices_task.user_id), override: "DELETE"}
+    response = client.get(f"/api/{alices_task.user_id}/tasks/{alices_task.id}", headers=headers)
+    assert response.status_code == 200
+    assert response.json()["id"] == alices_task.id
+    response = client.post(
+        f"/api/{alices_task.user_id}/tasks/{alices_task.id}", json={}, headers=headers
+    )
+    assert response.status_code == 405
+    assert snapshot(session) == before

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,10 +104,11 @@ def serve(app: FastAPI) -> Iterator[str]:
 @pytest.fixture
 def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..., Service]]:
     """start_service(**setting_overrides): the app on its own engine, through its own proxy."""
-    stack: list[tuple[TcpProxy, Any, Engine]] = []
+    stack = ExitStack()
 
     def start(**overrides: Any) -> Service:
         proxy = TcpProxy(_upstream_of(database_url))
+        stack.callback(proxy.close)
         url = make_url(database_url).set(host="127.0.0.1", port=proxy.port)
         url = url.difference_update_query(["host"])
         service_settings = settings.model_copy(
@@ -118,6 +119,7 @@ def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..
             }
         )
         engine = build_engine(service_settings)
+        stack.callback(engine.dispose)
         # A name of its own, so that the test kills this service's backends and no others.
         application_name = f"faults-{uuid.uuid4().hex[:8]}"
 
@@ -129,19 +131,12 @@ def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..
                 )
             dbapi_connection.commit()
 
-        served = serve(create_app(service_settings, engine=engine))
-        base = served.__enter__()
-        stack.append((proxy, served, engine))
+        base = stack.enter_context(serve(create_app(service_settings, engine=engine)))
+        stack.callback(proxy.restore)  # first of all: let the service shut down cleanly
         return Service(base, proxy, engine, application_name)
 
-    try:
+    with stack:
         yield start
-    finally:
-        for proxy, served, engine in reversed(stack):
-            proxy.restore()
-            served.__exit__(None, None, None)
-            engine.dispose()
-            proxy.close()
 
 
 @pytest.fixture

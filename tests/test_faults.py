@@ -118,7 +118,7 @@ def start_service(database_url: str, settings: Settings) -> Iterator[Callable[..
                 "DATABASE_URL": url.render_as_string(hide_password=False),
             }
         )
-        engine = build_engine(service_settings)
+        engine = build_engine(service_settings, autocommit=True)  # as create_app builds it
         stack.callback(engine.dispose)
         # A name of its own, so that the test kills this service's backends and no others.
         application_name = f"faults-{uuid.uuid4().hex[:8]}"

@@ -132,7 +132,7 @@ class Process:
         self._log.close()
 
 
-def wait_until_ready(process: Process, url: str, timeout: float = 30) -> None:
+def wait_until_ready(process: Process, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.alive():

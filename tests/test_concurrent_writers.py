@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-# As many racers as the live server's pool holds (10 + 10), so that no request waits for a
-# connection on a busy machine: these tests are about races, not overload (tests/test_faults.py).
+# As many racers as the live server's pool holds (20 by default), so that no request waits for
+# a connection on a busy machine: these tests are about races, not overload (tests/test_faults.py).
 RACERS = 20
 
 

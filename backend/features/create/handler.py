@@ -20,7 +20,7 @@ def create_task(session: Session, *, user_id: str, data: TaskCreate) -> TaskRead
         "completed": data.completed,
     }
     try:
-        row = session.execute(CREATE_TASK, values).one()
+        row = session.connection().execute(CREATE_TASK, values).one()
         session.commit()
     except IntegrityError as exc:
         session.rollback()

@@ -40,7 +40,7 @@ def update_task(
     else:
         # Nothing to change (an empty PATCH): answer with the task as it is, untouched.
         statement = UNCHANGED_TASK
-    row = session.execute(statement, params).one_or_none()
+    row = session.connection().execute(statement, params).one_or_none()
     session.commit()
     if row is None:
         raise TaskNotFoundError

@@ -232,14 +232,27 @@ def live_url(live_app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture
-def committed_user(engine: Engine) -> Iterator[str]:
-    """A user row committed for real (for the live server), deleted with its tasks afterwards."""
-    user_id = f"live-{uuid.uuid4().hex[:12]}"
-    with engine.begin() as connection:
-        connection.execute(
-            text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
-            {"id": user_id, "email": f"{user_id}@example.com"},
-        )
-    yield user_id
-    with engine.begin() as connection:
-        connection.execute(text('DELETE FROM "user" WHERE id = :id'), {"id": user_id})
+def committed_users(engine: Engine) -> Iterator[Callable[..., list[str]]]:
+    """committed_users(n, prefix): n user rows committed for real (for a live server), deleted
+    with their tasks (ON DELETE CASCADE) after the test."""
+    made: list[str] = []
+
+    def make(count: int, prefix: str = "live") -> list[str]:
+        ids = [f"{prefix}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
+        with engine.begin() as connection:
+            connection.execute(
+                text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
+                [{"id": user_id, "email": f"{user_id}@example.com"} for user_id in ids],
+            )
+        made.extend(ids)
+        return ids
+
+    yield make
+    if made:
+        with engine.begin() as connection:
+            connection.execute(text('DELETE FROM "user" WHERE id = ANY(:ids)'), {"ids": made})
+
+
+@pytest.fixture
+def committed_user(committed_users: Callable[..., list[str]]) -> str:
+    return committed_users(1)[0]

@@ -7,8 +7,7 @@ a timestamp. After every attempt A's tasks are exactly what they were, row for r
 """
 
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -240,17 +239,8 @@ def test_many_users_each_see_exactly_their_own_tasks(client, session, auth_heade
 
 
 @pytest.fixture
-def live_users(engine) -> Iterator[list[str]]:
-    ids = [f"live-iso-{uuid.uuid4().hex[:10]}" for _ in range(6)]
-    with engine.begin() as connection:
-        for user_id in ids:
-            connection.execute(
-                text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
-                {"id": user_id, "email": f"{user_id}@example.com"},
-            )
-    yield ids
-    with engine.begin() as connection:
-        connection.execute(text('DELETE FROM "user" WHERE id = ANY(:ids)'), {"ids": ids})
+def live_users(committed_users: Callable[..., list[str]]) -> list[str]:
+    return committed_users(6, "live-iso")
 
 
 def test_users_working_at_the_same_time_each_see_exactly_their_own(

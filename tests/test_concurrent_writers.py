@@ -3,9 +3,8 @@ write, and no answer but 200 or 404 when requests race on one task."""
 
 import random
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,17 +17,8 @@ RACERS = 20
 
 
 @pytest.fixture
-def many_users(engine: Engine) -> Iterator[list[str]]:
-    ids = [f"conc-{uuid.uuid4().hex[:10]}" for _ in range(16)]
-    with engine.begin() as connection:
-        for user_id in ids:
-            connection.execute(
-                text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
-                {"id": user_id, "email": f"{user_id}@example.com"},
-            )
-    yield ids
-    with engine.begin() as connection:
-        connection.execute(text('DELETE FROM "user" WHERE id = ANY(:ids)'), {"ids": ids})
+def many_users(committed_users: Callable[..., list[str]]) -> list[str]:
+    return committed_users(16, "conc")
 
 
 def test_racing_edits_toggles_and_deletes_of_one_task_are_only_200_or_404(

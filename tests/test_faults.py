@@ -172,18 +172,9 @@ def report(capsys: pytest.CaptureFixture[str], *parts: object) -> None:
 
 
 @pytest.fixture
-def users(engine: Engine) -> Iterator[list[str]]:
+def users(committed_users: Callable[..., list[str]]) -> list[str]:
     """Eight users committed for real; their tasks go with them afterwards (ON DELETE CASCADE)."""
-    ids = [f"fault-{uuid.uuid4().hex[:10]}" for _ in range(8)]
-    with engine.begin() as connection:
-        for user_id in ids:
-            connection.execute(
-                text('INSERT INTO "user" (id, name, email) VALUES (:id, :id, :email)'),
-                {"id": user_id, "email": f"{user_id}@example.com"},
-            )
-    yield ids
-    with engine.begin() as connection:
-        connection.execute(text('DELETE FROM "user" WHERE id = ANY(:ids)'), {"ids": ids})
+    return committed_users(8, "fault")
 
 
 def kill_backends(engine: Engine, application_name: str, *, state: str | None = None) -> int:

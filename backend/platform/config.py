@@ -17,6 +17,14 @@ SUPPORTED_ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256", "ES384", "ES512", "RS256", 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
+def _algorithm_list(setting: str, value: str, supported: tuple[str, ...]) -> str:
+    """A comma-separated allow-list, normalised; refused unless every entry is supported."""
+    algorithms = [a.strip() for a in value.split(",") if a.strip()]
+    if not algorithms or any(a not in supported for a in algorithms):
+        raise ValueError(f"{setting} must list only {', '.join(supported)}; got {value!r}")
+    return ",".join(algorithms)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
@@ -93,26 +101,12 @@ class Settings(BaseSettings):
     @field_validator("JWT_ALGORITHMS")
     @classmethod
     def _algorithms_are_hmac(cls, value: str) -> str:
-        algorithms = [a.strip() for a in value.split(",") if a.strip()]
-        unknown = [a for a in algorithms if a not in SUPPORTED_HMAC_ALGORITHMS]
-        if not algorithms or unknown:
-            raise ValueError(
-                f"JWT_ALGORITHMS must list only {', '.join(SUPPORTED_HMAC_ALGORITHMS)}; "
-                f"got {value!r}"
-            )
-        return ",".join(algorithms)
+        return _algorithm_list("JWT_ALGORITHMS", value, SUPPORTED_HMAC_ALGORITHMS)
 
     @field_validator("JWT_JWKS_ALGORITHMS")
     @classmethod
     def _algorithms_are_asymmetric(cls, value: str) -> str:
-        algorithms = [a.strip() for a in value.split(",") if a.strip()]
-        unknown = [a for a in algorithms if a not in SUPPORTED_ASYMMETRIC_ALGORITHMS]
-        if not algorithms or unknown:
-            raise ValueError(
-                f"JWT_JWKS_ALGORITHMS must list only {', '.join(SUPPORTED_ASYMMETRIC_ALGORITHMS)}; "
-                f"got {value!r}"
-            )
-        return ",".join(algorithms)
+        return _algorithm_list("JWT_JWKS_ALGORITHMS", value, SUPPORTED_ASYMMETRIC_ALGORITHMS)
 
     @field_validator("BETTER_AUTH_URL", "JWT_JWKS_URL")
     @classmethod

@@ -99,7 +99,21 @@ _WHITESPACE = (
     "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 )
 _NO_NUL = "^[^\\x00]*$"
-_NO_NUL_NOT_BLANK = f"^[^\\x00]*[^\\x00{_WHITESPACE}][^\\x00]*$"
+# A title: optional whitespace, 1 to 200 characters that start and end with something else, and
+# optional whitespace again; no NUL anywhere. The length is checked after trimming, which
+# minLength/maxLength cannot express (a padded 200-character title is valid), so the published
+# schema says it with this pattern instead.
+_VISIBLE = f"[^\\x00{_WHITESPACE}]"
+_TITLE_PATTERN = (
+    f"^[{_WHITESPACE}]*{_VISIBLE}(?:[^\\x00]{{0,{TITLE_MAX_LENGTH - 2}}}{_VISIBLE})?"
+    f"[{_WHITESPACE}]*$"
+)
+
+
+def _title_schema(schema: dict[str, Any]) -> None:
+    schema.pop("minLength", None)
+    schema.pop("maxLength", None)
+    schema["pattern"] = _TITLE_PATTERN
 
 Title = Annotated[
     str,
@@ -108,7 +122,7 @@ Title = Annotated[
     Field(
         description="1 to 200 characters after trimming surrounding whitespace; no NUL.",
         examples=["Buy milk"],
-        json_schema_extra={"pattern": _NO_NUL_NOT_BLANK},
+        json_schema_extra=_title_schema,
     ),
 ]
 Description = Annotated[

@@ -115,6 +115,7 @@ def _title_schema(schema: dict[str, Any]) -> None:
     schema.pop("maxLength", None)
     schema["pattern"] = _TITLE_PATTERN
 
+
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX_LENGTH),

@@ -8,8 +8,6 @@ a throwaway database, created here and dropped at the end.
 
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +16,6 @@ from typing import Any
 
 import jwt
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
@@ -30,6 +27,7 @@ from backend.main import create_app
 from backend.platform.config import Settings
 from backend.platform.db import build_engine, get_session, run_ddl
 from tests.factories import TaskFactory, UserFactory, bind_factories
+from tests.live_server import serve
 
 ROOT = Path(__file__).resolve().parent
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -201,12 +199,6 @@ class UserClient:
 # --- a live server on real, committed sessions (concurrency, commit-before-response) ------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def live_app(settings: Settings, engine: Engine) -> FastAPI:
     return create_app(settings, engine=engine)
@@ -215,20 +207,8 @@ def live_app(settings: Settings, engine: Engine) -> FastAPI:
 @pytest.fixture(scope="session")
 def live_url(live_app: FastAPI) -> Iterator[str]:
     """The app served by uvicorn in a thread, committing for real (no test transaction)."""
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(live_app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("live server did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(live_app) as url:
+        yield url
 
 
 @pytest.fixture

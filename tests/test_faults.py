@@ -27,14 +27,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from backend.main import create_app
 from backend.platform.config import Settings
 from backend.platform.db import build_engine
+from tests.live_server import serve
 from tests.tcp_proxy import TcpProxy
 
 # Short timeouts so that each fault resolves in seconds: a connection gets 2 s to open, a
@@ -80,25 +79,6 @@ def _upstream_of(database_url: str) -> Callable[[], socket.socket]:
         return sock
 
     return connect
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the service did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from sqlalchemy import text
 
 from backend.main import create_app
 from backend.platform.db import get_session
-from conftest import TEST_SECRET, _free_port
+from conftest import TEST_SECRET
 from tests.jwks_server import JwksServer, KeyPair
+from tests.live_server import free_port
 
 
 def auth_failures(capsys):
@@ -374,7 +375,7 @@ def test_jwks_fetch_never_blocks_the_event_loop(jwks, settings, engine, ed_key):
     waiting for the keys (50) than the thread pool that runs the handlers has threads (40)."""
     jwks.delay = 2.5
     app = create_app(jwks_settings(settings, jwks), engine=engine)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     )

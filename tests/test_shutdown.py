@@ -9,7 +9,6 @@ the process must exit cleanly.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, text
 
+from tests.live_server import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "shutdown-test-secret-0123456789-abcdefghij"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _lock_waiters(engine: Engine) -> int:
@@ -45,7 +40,7 @@ def _lock_waiters(engine: Engine) -> int:
 def test_sigterm_lets_in_flight_requests_finish_and_closes_the_pool(
     database_url: str, committed_user: str, make_token: Callable[..., str], engine: Engine
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,

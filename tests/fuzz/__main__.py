@@ -13,7 +13,6 @@ embedded PostgreSQL in `.pgdata/fuzz`; dropped at the end either way.
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import httpx
 import jwt
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
+
+from tests.live_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -42,12 +43,6 @@ def _server_url() -> URL:
     return make_url(raw.replace("postgres://", "postgresql://", 1)).set(
         drivername="postgresql+psycopg2"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_until_healthy(base: str, server: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -86,7 +81,7 @@ def main(argv: list[str]) -> int:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     database_url = server_url.set(database=name)
     secret = secrets.token_urlsafe(48)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-"))
     log_path = workdir / "server.log"

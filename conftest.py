@@ -25,8 +25,9 @@ from sqlmodel import Session
 from backend.features.task_model import schema_ddl
 from backend.main import create_app
 from backend.platform.config import Settings
-from backend.platform.db import build_engine, get_session, run_ddl
+from backend.platform.db import build_engine, run_ddl
 from tests.factories import TaskFactory, UserFactory, bind_factories
+from tests.in_test_transaction import serve_in_session, stop_serving_in_session
 from tests.live_server import serve
 
 ROOT = Path(__file__).resolve().parent
@@ -105,14 +106,11 @@ def session(engine: Engine) -> Iterator[Session]:
 
 @pytest.fixture
 def client(app: FastAPI, session: Session) -> Iterator[TestClient]:
-    def session_in_test_transaction() -> Iterator[Session]:
-        yield session
-
-    app.dependency_overrides[get_session] = session_in_test_transaction
+    serve_in_session(app, session)
     try:
         yield TestClient(app)
     finally:
-        app.dependency_overrides.pop(get_session, None)
+        stop_serving_in_session(app)
 
 
 # --- tokens -------------------------------------------------------------------------------------

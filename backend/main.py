@@ -19,7 +19,7 @@ from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
 from backend.platform.auth import TokenVerifier
 from backend.platform.config import Settings, get_settings
-from backend.platform.db import build_engine, close_pool, run_ddl, wait_for_database
+from backend.platform.db import Database, build_engine, close_pool, run_ddl, wait_for_database
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
 from backend.platform.logging import RequestLogMiddleware, configure_logging
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.database = Database.for_engine(engine, settings)
     app.state.token_verifier = TokenVerifier(settings)
 
     install_error_handlers(app)

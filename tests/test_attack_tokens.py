@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from fastapi.testclient import TestClient
 
 from backend.main import create_app
-from backend.platform.db import get_session
 from conftest import TEST_SECRET
 from tests.attack_surface import (
     ROUTES,
@@ -36,6 +35,7 @@ from tests.attack_surface import (
     token_fragments,
 )
 from tests.factories import TaskFactory
+from tests.in_test_transaction import serve_in_session, stop_serving_in_session
 from tests.jwks_server import JwksServer, KeyPair
 
 OTHER_SECRET = "an-attackers-secret-0123456789-abcdefghijklmn"
@@ -495,14 +495,11 @@ def jwks_app(settings, engine, published):
 
 @pytest.fixture
 def jwks_client(jwks_app, session):
-    def session_in_test_transaction():
-        yield session
-
-    jwks_app.dependency_overrides[get_session] = session_in_test_transaction
+    serve_in_session(jwks_app, session)
     try:
         yield TestClient(jwks_app)
     finally:
-        jwks_app.dependency_overrides.pop(get_session, None)
+        stop_serving_in_session(jwks_app)
 
 
 def _foreign(alg: str, kid_of: str | None, **header: Any) -> Callable[[str, Published], str]:

@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from backend.main import create_app
-from backend.platform.db import get_session
 from conftest import TEST_SECRET
+from tests.in_test_transaction import serve_in_session
 from tests.jwks_server import JwksServer, KeyPair
 from tests.live_server import free_port
 
@@ -57,10 +57,7 @@ def make_client(settings, engine, session, jwks):
     def make(**overrides):
         app = create_app(jwks_settings(settings, jwks, **overrides), engine=engine)
 
-        def session_in_test_transaction():
-            yield session
-
-        app.dependency_overrides[get_session] = session_in_test_transaction
+        serve_in_session(app, session)
         return TestClient(app)
 
     return make

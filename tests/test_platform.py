@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from fastapi import Request
 from pydantic import ValidationError
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.features.task_model import schema_ddl
 from backend.main import create_app
 from backend.platform.config import EXAMPLE_SECRET, Settings
-from backend.platform.db import get_session
+from backend.platform.db import get_database
 from tests.factories import TaskFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -354,22 +353,25 @@ def test_openapi_documents_the_bearer_scheme_and_errors(client):
 # --- writes are committed before the response ---------------------------------------------------
 
 
-def test_write_is_committed_before_dependency_teardown(
+def test_write_is_committed_before_the_handler_returns(
     live_app, live_url, committed_user, make_token, engine
 ):
-    """The teardown of the session dependency is held open; the row must already be visible
-    to another connection, so the commit cannot be living in teardown."""
-    in_teardown, release = threading.Event(), threading.Event()
+    """The request is held just after its handler has run, before any response is sent; the
+    row must already be visible to another connection, so the commit cannot come later."""
+    handler_done, release = threading.Event(), threading.Event()
+    database = live_app.state.database
 
-    async def session_with_held_teardown(request: Request):
-        async for session in get_session(request):
-            try:
-                yield session
-            finally:
-                in_teardown.set()
-                await run_in_threadpool(release.wait, 10)
+    class HeldAfterHandler:
+        async def run(self, handler, /, **kwargs):
+            result = await database.run(handler, **kwargs)
+            handler_done.set()
+            await run_in_threadpool(release.wait, 10)
+            return result
 
-    live_app.dependency_overrides[get_session] = session_with_held_teardown
+    async def held_database():
+        return HeldAfterHandler()
+
+    live_app.dependency_overrides[get_database] = held_database
     result = {}
     headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
 
@@ -381,7 +383,8 @@ def test_write_is_committed_before_dependency_teardown(
     sender = threading.Thread(target=send)
     try:
         sender.start()
-        assert in_teardown.wait(10)
+        assert handler_done.wait(10)
+        assert "response" not in result
         with engine.connect() as connection:
             visible = (
                 connection.execute(
@@ -394,7 +397,7 @@ def test_write_is_committed_before_dependency_teardown(
     finally:
         release.set()
         sender.join(15)
-        live_app.dependency_overrides.pop(get_session, None)
+        live_app.dependency_overrides.pop(get_database, None)
     assert result["response"].status_code == 201
 
 

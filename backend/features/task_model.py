@@ -199,10 +199,9 @@ def owner_params(user_id: str, task_id: int) -> dict[str, Any]:
 def tasks_router() -> APIRouter:
     """The router each slice declares its one route on: authenticated first, errors documented.
 
-    Routes are `async def` and hand their handler, which uses the blocking session, to the thread
-    pool themselves (`await run_in_threadpool(handler, session, ...)`). That is one thread hop
-    per request; a sync `def` route costs two, because FastAPI then also validates its return
-    value in the thread pool.
+    Routes are `async def` and hand their handler, plain blocking `Session` code, to
+    `await db.run(handler, ...)`, which runs it on the event loop without a thread (see
+    `backend.platform.db.Database`). A sync `def` route would cost a thread-pool hop.
     """
     return APIRouter(
         prefix="/api/{user_id}/tasks",

@@ -1,9 +1,11 @@
 """The database engine and pool, the per-request session dependency, and schema bootstrap."""
 
+import asyncio
 import select
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from collections import deque
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
@@ -11,12 +13,15 @@ import structlog
 from fastapi import Depends, Request
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 from sqlmodel import Session, create_engine
 from starlette.concurrency import run_in_threadpool
 
 from backend.platform.config import Settings
 
 log = structlog.get_logger("backend.db")
+T = TypeVar("T")
 
 
 def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
@@ -115,6 +120,9 @@ def _wait_with_deadline(connection: Any) -> None:
     """
     connecting = connection.status == psycopg2.extensions.STATUS_SETUP
     timeout = getattr(connection, "connect_timeout" if connecting else "network_timeout", None)
+    if in_greenlet():
+        _wait_on_event_loop(connection, connecting, timeout)
+        return
     deadline = None if timeout is None else time.monotonic() + timeout
     poller, registered = select.poll(), -1
     while True:
@@ -135,31 +143,160 @@ def _wait_with_deadline(connection: Any) -> None:
             )
 
 
+def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None) -> None:
+    """The wait callback's path inside `Database.run`: the greenlet yields to the event loop
+    until the socket is ready, so other requests run meanwhile; same deadline as in a thread."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        fd = connection.fileno()
+        ready: asyncio.Future[bool] = loop.create_future()
+        if state == psycopg2.extensions.POLL_READ:
+            loop.add_reader(fd, _settle, ready, True)
+            remove = loop.remove_reader
+        else:
+            loop.add_writer(fd, _settle, ready, True)
+            remove = loop.remove_writer
+        timer = None if deadline is None else loop.call_at(deadline, _settle, ready, False)
+        try:
+            answered = await_(ready)
+        finally:
+            remove(fd)
+            if timer is not None:
+                timer.cancel()
+        if not answered:
+            what = "connecting to" if connecting else "an answer from"
+            raise psycopg2.OperationalError(
+                f"timed out after {timeout} s waiting for {what} the database"
+            )
+
+
+def _settle(future: "asyncio.Future[bool]", value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class Database:
+    """Runs the slices' blocking handlers, `handler(session, **kwargs)`, on the event loop.
+
+    Each handler runs in a greenlet (SQLAlchemy's own bridge between sync code and asyncio).
+    psycopg2's wait callback sees that and, instead of blocking, hands control back to the
+    event loop until the socket is ready; other requests run meanwhile. So a request costs no
+    thread-pool hop and no GIL hand-off, and the handlers stay plain SQLAlchemy `Session` code.
+
+    There are exactly as many sessions as the pool has connections, and a handler runs only
+    while it holds one, so a greenlet never waits on the pool's (thread) lock, which would
+    stall the whole event loop. A request that finds every session busy waits on the loop for
+    up to DB_POOL_TIMEOUT_SECONDS, then gets the pool-timeout 503. Sessions are reused: each
+    hands its connection back to the pool when its handler commits or rolls back, and leaves
+    no state behind (see `_call`).
+    """
+
+    def __init__(self, engine: Engine, *, sessions: int, checkout_timeout: float) -> None:
+        self.engine = engine
+        self._capacity = sessions
+        self._timeout = checkout_timeout
+        self._created = 0
+        self._idle: list[Session] = []
+        self._waiters: deque[asyncio.Future[Session]] = deque()
+        self._shared = False  # True: the sessions are the caller's, not per request
+        self._first_connection_made = False
+
+    @classmethod
+    def for_engine(cls, engine: Engine, settings: Settings) -> "Database":
+        return cls(
+            engine,
+            sessions=settings.DB_POOL_SIZE + settings.DB_MAX_OVERFLOW,
+            checkout_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
+        )
+
+    @classmethod
+    def for_session(cls, session: Session) -> "Database":
+        """Always this one session, one request at a time (tests run requests inside it)."""
+        database = cls(session.get_bind().engine, sessions=1, checkout_timeout=30)
+        database._idle.append(session)
+        database._created = 1
+        database._shared = True
+        database._first_connection_made = True
+        return database
+
+    async def run(self, handler: Callable[..., T], /, **kwargs: Any) -> T:
+        if not self._first_connection_made:
+            await run_in_threadpool(self._make_first_connection)
+        session = await self._checkout()
+        try:
+            return await greenlet_spawn(  # type: ignore[no-any-return]
+                _call, session, handler, kwargs, forget=not self._shared
+            )
+        finally:
+            self._checkin(session)
+
+    def _make_first_connection(self) -> None:
+        """An engine's first connection runs SQLAlchemy's one-time dialect set-up under a thread
+        lock; a second greenlet connecting meanwhile would block the loop on it for good. So
+        the first connection is made from a thread (the service's start-up makes it anyway)."""
+        with self.engine.connect():
+            pass
+        self._first_connection_made = True
+
+    async def _checkout(self) -> Session:
+        if self._idle:
+            return self._idle.pop()
+        if self._created < self._capacity:
+            self._created += 1
+            return Session(self.engine, expire_on_commit=False)
+        waiter: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await waiter
+        except BaseException as exc:
+            # A timeout or a cancellation cancels the waiter too, unless a session was handed
+            # to it in the same instant: then it goes to the next in line.
+            if waiter.done() and not waiter.cancelled():
+                self._checkin(waiter.result())
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeoutError("every database connection stayed busy") from None
+            raise
+
+    def _checkin(self, session: Session) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(session)
+                return
+        self._idle.append(session)
+
+
+def _call(
+    session: Session, handler: Callable[..., T], kwargs: dict[str, Any], *, forget: bool
+) -> T:
+    try:
+        return handler(session, **kwargs)
+    finally:
+        # A handler that failed mid-transaction is rolled back here, releasing its connection
+        # while its slot is still held. Whatever it loaded is forgotten, so the next request
+        # (perhaps another user's) starts from an empty session.
+        if session.in_transaction():
+            session.rollback()
+        if forget and session.identity_map:
+            session.expunge_all()
+
+
+async def get_database(request: Request) -> Database:
+    return request.app.state.database  # type: ignore[no-any-return]
+
+
+DatabaseDep = Annotated[Database, Depends(get_database)]
+
+
 def _socket_has_data(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
-
-
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """One session per request, on the app's engine.
-
-    Creating a Session does no I/O (it connects on first use), so this dependency is async and
-    costs no thread-pool hop. Handlers commit or roll back themselves, in their own thread;
-    closing here is then free. Only when a handler failed mid-transaction does close() talk to
-    the database, and that rollback is sent from the thread pool, never the event loop.
-    """
-    session = Session(request.app.state.engine, expire_on_commit=False)
-    try:
-        yield session
-    finally:
-        if session.in_transaction():
-            await run_in_threadpool(session.close)
-        else:
-            session.close()
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def quote_identifier(name: str) -> str:
@@ -208,10 +345,10 @@ def close_pool(engine: Engine) -> None:
     log.info("db.pool_closed", pool=status)
 
 
-def database_answers(engine: Engine) -> bool:
+def database_answers(session: Session) -> bool:
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        session.connection().execute(text("SELECT 1"))
+        session.commit()
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"; it is logged
         log.warning("db.health_check_failed", error=type(exc).__name__)

@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.exc import SQLAlchemyError
 
-from backend.platform.db import database_answers
+from backend.platform.db import Database, database_answers
 from backend.platform.errors import RETRY_AFTER_SECONDS
 
 router = APIRouter(tags=["operations"])
@@ -21,7 +21,14 @@ class HealthStatus(BaseModel):
 )
 async def health(request: Request, response: Response) -> HealthStatus:
     """Liveness and readiness: checks that the database answers a query."""
-    if await run_in_threadpool(database_answers, request.app.state.engine):
+    database: Database = request.app.state.database
+    try:
+        answers = await database.run(database_answers)
+    except SQLAlchemyError:
+        # No first connection could be made, or every connection stayed busy past the pool
+        # timeout: either way not ready for traffic.
+        answers = False
+    if answers:
         return HealthStatus(status="ok")
     response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     response.headers["Retry-After"] = RETRY_AFTER_SECONDS

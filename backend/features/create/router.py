@@ -1,13 +1,12 @@
 """Create: `POST /api/{user_id}/tasks`."""
 
 from fastapi import status
-from starlette.concurrency import run_in_threadpool
 
 from backend.features.create.handler import create_task
 from backend.features.create.schema import TaskCreate
 from backend.features.task_model import TaskRead, tasks_router
 from backend.platform.auth import CurrentUser
-from backend.platform.db import SessionDep
+from backend.platform.db import DatabaseDep
 from backend.platform.errors import error_responses
 
 router = tasks_router()
@@ -20,6 +19,6 @@ router = tasks_router()
     summary="Create a task",
     responses=error_responses(413),
 )
-async def create(body: TaskCreate, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def create(body: TaskCreate, user: CurrentUser, db: DatabaseDep) -> TaskRead:
     """Create a task owned by the signed-in user; committed before the 201 is sent."""
-    return await run_in_threadpool(create_task, session, user_id=user.id, data=body)
+    return await db.run(create_task, user_id=user.id, data=body)

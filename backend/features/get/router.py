@@ -1,17 +1,15 @@
 """Get: `GET /api/{user_id}/tasks/{task_id}`."""
 
-from starlette.concurrency import run_in_threadpool
-
 from backend.features.get.handler import get_task
 from backend.features.get.schema import TaskRead
 from backend.features.task_model import TaskId, tasks_router
 from backend.platform.auth import CurrentUser
-from backend.platform.db import SessionDep
+from backend.platform.db import DatabaseDep
 
 router = tasks_router()
 
 
 @router.get("/{task_id}", response_model=TaskRead, summary="Get a task")
-async def get(task_id: TaskId, user: CurrentUser, session: SessionDep) -> TaskRead:
+async def get(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> TaskRead:
     """One of the signed-in user's tasks; 404 if it is missing or someone else's."""
-    return await run_in_threadpool(get_task, session, user_id=user.id, task_id=task_id)
+    return await db.run(get_task, user_id=user.id, task_id=task_id)

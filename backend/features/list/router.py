@@ -3,13 +3,12 @@
 from typing import Annotated
 
 from fastapi import Query
-from starlette.concurrency import run_in_threadpool
 
 from backend.features.list.handler import list_tasks
 from backend.features.list.schema import StatusFilter
 from backend.features.task_model import TaskRead, tasks_router
 from backend.platform.auth import CurrentUser
-from backend.platform.db import SessionDep
+from backend.platform.db import DatabaseDep
 
 router = tasks_router()
 
@@ -17,10 +16,10 @@ router = tasks_router()
 @router.get("", response_model=list[TaskRead], summary="List tasks")
 async def list_(
     user: CurrentUser,
-    session: SessionDep,
+    db: DatabaseDep,
     status: Annotated[
         StatusFilter, Query(description="Which tasks: all (default), pending or completed.")
     ] = StatusFilter.all,
 ) -> list[TaskRead]:
     """The signed-in user's tasks, newest first; `[]` when there are none."""
-    return await run_in_threadpool(list_tasks, session, user_id=user.id, status=status)
+    return await db.run(list_tasks, user_id=user.id, status=status)

@@ -1,12 +1,10 @@
 """Update: `PUT` and `PATCH /api/{user_id}/tasks/{task_id}`."""
 
-from starlette.concurrency import run_in_threadpool
-
 from backend.features.task_model import TaskId, TaskRead, tasks_router
 from backend.features.update.handler import update_task
 from backend.features.update.schema import TaskPatch, TaskReplace
 from backend.platform.auth import CurrentUser
-from backend.platform.db import SessionDep
+from backend.platform.db import DatabaseDep
 from backend.platform.errors import error_responses
 
 router = tasks_router()
@@ -16,21 +14,15 @@ router = tasks_router()
     "/{task_id}", response_model=TaskRead, summary="Replace a task", responses=error_responses(413)
 )
 async def replace(
-    task_id: TaskId, body: TaskReplace, user: CurrentUser, session: SessionDep
+    task_id: TaskId, body: TaskReplace, user: CurrentUser, db: DatabaseDep
 ) -> TaskRead:
     """Set the title (required) and any of description and completed; others keep their value."""
-    return await run_in_threadpool(
-        update_task, session, user_id=user.id, task_id=task_id, changes=body.changes()
-    )
+    return await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())
 
 
 @router.patch(
     "/{task_id}", response_model=TaskRead, summary="Edit a task", responses=error_responses(413)
 )
-async def patch(
-    task_id: TaskId, body: TaskPatch, user: CurrentUser, session: SessionDep
-) -> TaskRead:
+async def patch(task_id: TaskId, body: TaskPatch, user: CurrentUser, db: DatabaseDep) -> TaskRead:
     """Change only the fields sent; an empty body changes nothing."""
-    return await run_in_threadpool(
-        update_task, session, user_id=user.id, task_id=task_id, changes=body.changes()
-    )
+    return await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())

@@ -1,0 +1,227 @@
+"""`Database.run`: blocking handlers on the event loop, a bounded set of reused sessions.
+
+Each guard here has a test that fails without it: the loop keeps serving while a query runs,
+a busy database is a bounded wait then the pool-timeout error, a session is never lost or
+left holding a connection or another request's objects, and log lines keep the request's
+context.
+"""
+
+import asyncio
+import json
+import time
+
+import pytest
+import structlog
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.util import await_
+from sqlmodel import Session, select
+
+from backend.features.task_model import Task
+from backend.platform.db import Database, build_engine
+from backend.platform.logging import configure_logging
+
+
+@pytest.fixture
+def serving_engine(settings):
+    engine = build_engine(
+        settings.model_copy(update={"DB_POOL_SIZE": 2, "DB_MAX_OVERFLOW": 0}), autocommit=True
+    )
+    yield engine
+    engine.dispose()
+
+
+def database(engine: Engine, *, sessions: int = 2, timeout: float = 5.0) -> Database:
+    return Database(engine, sessions=sessions, checkout_timeout=timeout)
+
+
+def sleep_in_database(session: Session, *, seconds: float) -> float:
+    return (
+        session.connection().execute(text("SELECT :s FROM pg_sleep(:s)"), {"s": seconds}).one()[0]
+    )
+
+
+def pause_on_the_loop(session: Session, *, seconds: float) -> str:
+    """A handler that holds its session while the event loop runs other work."""
+    await_(asyncio.sleep(seconds))
+    return "done"
+
+
+def test_the_event_loop_keeps_serving_while_a_query_waits(serving_engine):
+    """A query's wait yields to the loop: a ticker keeps ticking during a 0.5 s pg_sleep.
+    A wait callback that blocked (the thread path, used on the loop) would freeze it."""
+    db = database(serving_engine)
+
+    async def scenario():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.02)
+
+        ticking = asyncio.create_task(ticker())
+        started = time.monotonic()
+        await db.run(sleep_in_database, seconds=0.5)
+        ticking.cancel()
+        return started, ticks
+
+    started, ticks = asyncio.run(scenario())
+    during = [t for t in ticks if started + 0.05 < t < started + 0.45]
+    assert len(during) >= 10, f"the loop ticked {len(during)} times during the query"
+
+
+def test_queries_of_concurrent_requests_overlap(serving_engine):
+    db = database(serving_engine, sessions=2)
+
+    async def scenario():
+        started = time.monotonic()
+        await asyncio.gather(*(db.run(sleep_in_database, seconds=0.4) for _ in range(2)))
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 0.75
+
+
+def test_a_request_finding_every_session_busy_waits_its_turn(serving_engine):
+    db = database(serving_engine, sessions=1)
+
+    async def scenario():
+        return await asyncio.gather(
+            db.run(pause_on_the_loop, seconds=0.2), db.run(sleep_in_database, seconds=0)
+        )
+
+    assert asyncio.run(scenario()) == ["done", 0]
+
+
+def test_waiting_longer_than_the_pool_timeout_is_the_pool_timeout_error(serving_engine):
+    """The error that the API answers with 503; and the session that was busy is not lost:
+    once it is free, the next request gets it."""
+    db = database(serving_engine, sessions=1, timeout=0.2)
+
+    async def scenario():
+        holder = asyncio.create_task(db.run(pause_on_the_loop, seconds=0.6))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeoutError):
+            await db.run(sleep_in_database, seconds=0)
+        waited = time.monotonic() - started
+        await holder
+        return waited, await db.run(sleep_in_database, seconds=0)
+
+    waited, after = asyncio.run(scenario())
+    assert 0.15 < waited < 0.5
+    assert after == 0
+
+
+def test_a_cancelled_waiter_does_not_swallow_the_session(serving_engine):
+    db = database(serving_engine, sessions=1)
+
+    async def scenario():
+        holder = asyncio.create_task(db.run(pause_on_the_loop, seconds=0.2))
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(db.run(sleep_in_database, seconds=0))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        await holder
+        return await asyncio.wait_for(db.run(sleep_in_database, seconds=0), 2)
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_never_more_sessions_than_the_pool_has_connections(serving_engine):
+    """Six requests at once on a pool of two: never more than two connections out, so no
+    greenlet ever blocks the loop on the pool."""
+    db = database(serving_engine, sessions=2)
+    most = []
+
+    def observe(session: Session) -> None:
+        session.connection().execute(text("SELECT 1"))
+        most.append(serving_engine.pool.checkedout())  # type: ignore[attr-defined]
+        await_(asyncio.sleep(0.05))
+        session.commit()
+
+    async def scenario():
+        await asyncio.gather(*(db.run(observe) for _ in range(6)))
+
+    asyncio.run(scenario())
+    assert len(most) == 6
+    assert max(most) == 2
+
+
+def test_a_handler_failing_mid_transaction_hands_back_its_connection(serving_engine):
+    db = database(serving_engine, sessions=1)
+
+    def fail_after_a_statement(session: Session) -> None:
+        session.connection().execute(text("SELECT 1"))
+        raise RuntimeError("bug after the statement")
+
+    async def scenario():
+        with pytest.raises(RuntimeError):
+            await db.run(fail_after_a_statement)
+        return serving_engine.pool.checkedout()  # type: ignore[attr-defined]
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_a_reused_session_carries_nothing_from_the_previous_request(serving_engine, committed_user):
+    """Sessions are reused across requests (and users): what one request loaded through the
+    ORM is gone from the session before the next one starts, even while still referenced."""
+    with serving_engine.connect() as connection:
+        connection.execute(
+            text("INSERT INTO tasks (user_id, title) VALUES (:u, 'loaded')"), {"u": committed_user}
+        )
+    db = database(serving_engine, sessions=1)
+
+    def load(session: Session) -> Task:
+        (task,) = session.exec(select(Task).where(Task.user_id == committed_user))
+        session.commit()
+        return task
+
+    def what_the_session_holds(session: Session) -> tuple[int, bool]:
+        return len(session.identity_map), session.in_transaction()
+
+    async def scenario():
+        still_referenced = await db.run(load)  # as a response being sent would be
+        return still_referenced, await db.run(what_the_session_holds)
+
+    loaded, held = asyncio.run(scenario())
+    assert loaded.title == "loaded"
+    assert held == (0, False)
+
+
+def test_a_session_handed_to_a_waiter_cancelled_that_instant_is_not_lost(serving_engine):
+    """The race between a hand-over and a timeout or cancellation of the waiting request."""
+    db = database(serving_engine, sessions=1)
+
+    async def scenario():
+        only = await db._checkout()
+        waiting = asyncio.create_task(db._checkout())
+        await asyncio.sleep(0)
+        db._checkin(only)  # the waiter's future now holds the session...
+        waiting.cancel()  # ...but its request is cancelled before it resumes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return await asyncio.wait_for(db.run(sleep_in_database, seconds=0), 2)
+
+    assert asyncio.run(scenario()) == 0
+
+
+def test_log_lines_inside_a_handler_keep_the_request_context(serving_engine, settings, capsys):
+    configure_logging(settings)
+    db = database(serving_engine)
+
+    def log_inside(session: Session) -> None:
+        structlog.get_logger("test").info("inside.handler")
+
+    async def scenario():
+        structlog.contextvars.bind_contextvars(request_id="req-42")
+        try:
+            await db.run(log_inside)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    capsys.readouterr()
+    asyncio.run(scenario())
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x["event"] == "inside.handler"]
+    assert line["request_id"] == "req-42"

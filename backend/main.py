@@ -1,5 +1,6 @@
 """The ASGI app (`uvicorn backend.main:app`): wires the platform and mounts each slice's router."""
 
+import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         await run_in_threadpool(
             wait_for_database, engine, timeout=settings.DB_STARTUP_WAIT_SECONDS, then=create_schema
         )
+        # Everything built so far (modules, the app, pydantic's validators) lives as long as
+        # the process. Left in the collector, each full collection walks all of it: about
+        # 100 ms with every request on hold, the largest part of p99 under load. Frozen, a
+        # full collection takes 2-3 ms (measured with gc.callbacks under wrk).
+        gc.collect()
+        gc.freeze()
         yield
         # uvicorn runs this after SIGTERM once in-flight requests have finished.
         await run_in_threadpool(close_pool, engine)

@@ -1,6 +1,7 @@
 """The platform under every slice: settings, schema bootstrap, health, CORS, request ids and
 logs, the OpenAPI contract, body limits, commit-before-response, and the deployment files."""
 
+import gc
 import json
 import os
 import re
@@ -197,6 +198,15 @@ def test_health_is_ok_when_the_database_answers(client):
     response = client.get("/health")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+def test_start_up_objects_are_kept_out_of_the_garbage_collector(settings, engine):
+    """Full collections that walk every module and validator stall all requests (p99)."""
+    from fastapi.testclient import TestClient
+
+    gc.unfreeze()
+    with TestClient(create_app(settings, engine=engine)):
+        assert gc.get_freeze_count() > 10_000
 
 
 def test_health_is_503_when_the_database_is_away():

@@ -8,8 +8,10 @@ context.
 
 import asyncio
 import json
+import threading
 import time
 
+import psycopg2
 import pytest
 import structlog
 from sqlalchemy import Engine, text
@@ -69,6 +71,30 @@ def test_the_event_loop_keeps_serving_while_a_query_waits(serving_engine):
     started, ticks = asyncio.run(scenario())
     during = [t for t in ticks if started + 0.05 < t < started + 0.45]
     assert len(during) >= 10, f"the loop ticked {len(during)} times during the query"
+
+
+def test_new_connections_are_opened_off_the_event_loop(serving_engine, monkeypatch):
+    """libpq resolves host names with a blocking call: a connection is opened in a worker
+    thread, never on the loop's."""
+    db = database(serving_engine)
+    asyncio.run(db.run(sleep_in_database, seconds=0))
+    serving_engine.dispose()  # the next request needs a new connection
+    opened_on = []
+    original = psycopg2.connect
+
+    def recording_connect(*args, **kwargs):
+        opened_on.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg2, "connect", recording_connect)
+
+    async def scenario():
+        await db.run(sleep_in_database, seconds=0)
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert len(opened_on) == 1
+    assert opened_on[0] != loop_thread
 
 
 def test_queries_of_concurrent_requests_overlap(serving_engine):

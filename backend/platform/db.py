@@ -1,6 +1,7 @@
 """The database engine and pool, the per-request session dependency, and schema bootstrap."""
 
 import asyncio
+import functools
 import select
 import time
 from collections import deque
@@ -53,6 +54,9 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         pool_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
         pool_recycle=settings.DB_POOL_RECYCLE_SECONDS,
         pool_pre_ping=False,
+        # In autocommit no connection comes back inside a transaction, so the rollback SQLAlchemy
+        # would send on every return has nothing to undo (about 3% of a request, callgrind).
+        pool_reset_on_return=None if autocommit else "rollback",
         isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
             "connection_factory": _connection_class(
@@ -73,6 +77,20 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         f"SET statement_timeout = {int(settings.DB_STATEMENT_TIMEOUT_MS)}; "
         "SET idle_in_transaction_session_timeout = 60000; SET TIME ZONE 'UTC'"
     )
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_off_the_event_loop(
+        dialect: Any, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+    ) -> Any:
+        if not in_greenlet():
+            return None  # SQLAlchemy connects as usual, in this thread
+        # Inside `Database.run`, on the event loop: libpq resolves the host name with a
+        # blocking getaddrinfo() before any of its non-blocking steps, and a slow resolver
+        # (a cold Neon host name, say) would hold every request. So the whole connect runs in
+        # a worker thread, under the same connect deadline; new connections are rare.
+        loop = asyncio.get_running_loop()
+        connect = functools.partial(dialect.loaded_dbapi.connect, *cargs, **cparams)
+        return await_(loop.run_in_executor(None, connect))
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:

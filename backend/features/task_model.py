@@ -7,13 +7,14 @@ lives here or in `backend.platform`.
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     field_validator,
 )
 from sqlalchemy import Boolean, Column, DateTime, Integer, String, Table, Text, bindparam, func
@@ -161,7 +162,24 @@ class TaskRead(BaseModel):
 
     @classmethod
     def from_row(cls, row: Any) -> "TaskRead":
-        return cls.model_validate(dict(row._mapping))
+        return cls.model_validate(row, from_attributes=True)
+
+
+_ONE_TASK_JSON = TypeAdapter(TaskRead)
+_TASKS_JSON = TypeAdapter(list[TaskRead])
+
+
+def task_response(task: TaskRead, status_code: int = 200) -> Response:
+    """The task as the JSON body. Routes return this rather than the model, which FastAPI would
+    validate again (it was just built, validated, from the row) before serializing it: about 4%
+    of a request's instructions (callgrind). Each route still declares its `response_model`,
+    which is what the OpenAPI schema publishes."""
+    return Response(_ONE_TASK_JSON.dump_json(task), status_code, media_type="application/json")
+
+
+def tasks_response(tasks: list[TaskRead]) -> Response:
+    """`task_response` for a list."""
+    return Response(_TASKS_JSON.dump_json(tasks), media_type="application/json")
 
 
 async def parse_task_id(

@@ -1,10 +1,10 @@
 """Structured logging: structlog set up once, and one log line per request with its request id."""
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -109,7 +109,7 @@ class RequestLogMiddleware:
             if name == b"x-request-id":
                 request_id = sanitize_request_id(value.decode("latin-1"))
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or os.urandom(16).hex()
         header_value = request_id.encode()
         status = 500
         response_started = False

@@ -1,10 +1,10 @@
 """Create: `POST /api/{user_id}/tasks`."""
 
-from fastapi import status
+from fastapi import Response, status
 
 from backend.features.create.handler import create_task
 from backend.features.create.schema import TaskCreate
-from backend.features.task_model import TaskRead, tasks_router
+from backend.features.task_model import TaskRead, task_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import DatabaseDep
 from backend.platform.errors import error_responses
@@ -19,6 +19,8 @@ router = tasks_router()
     summary="Create a task",
     responses=error_responses(413),
 )
-async def create(body: TaskCreate, user: CurrentUser, db: DatabaseDep) -> TaskRead:
+async def create(body: TaskCreate, user: CurrentUser, db: DatabaseDep) -> Response:
     """Create a task owned by the signed-in user; committed before the 201 is sent."""
-    return await db.run(create_task, user_id=user.id, data=body)
+    return task_response(
+        await db.run(create_task, user_id=user.id, data=body), status.HTTP_201_CREATED
+    )

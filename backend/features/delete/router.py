@@ -1,8 +1,10 @@
 """Delete: `DELETE /api/{user_id}/tasks/{task_id}`."""
 
+from fastapi import Response
+
 from backend.features.delete.handler import delete_task
 from backend.features.delete.schema import TaskRead
-from backend.features.task_model import TaskId, tasks_router
+from backend.features.task_model import TaskId, task_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import DatabaseDep
 
@@ -10,6 +12,6 @@ router = tasks_router()
 
 
 @router.delete("/{task_id}", response_model=TaskRead, summary="Delete a task")
-async def delete(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> TaskRead:
+async def delete(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> Response:
     """Delete one of the signed-in user's tasks; the response is the task as it was."""
-    return await db.run(delete_task, user_id=user.id, task_id=task_id)
+    return task_response(await db.run(delete_task, user_id=user.id, task_id=task_id))

@@ -1,8 +1,10 @@
 """Get: `GET /api/{user_id}/tasks/{task_id}`."""
 
+from fastapi import Response
+
 from backend.features.get.handler import get_task
 from backend.features.get.schema import TaskRead
-from backend.features.task_model import TaskId, tasks_router
+from backend.features.task_model import TaskId, task_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import DatabaseDep
 
@@ -10,6 +12,6 @@ router = tasks_router()
 
 
 @router.get("/{task_id}", response_model=TaskRead, summary="Get a task")
-async def get(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> TaskRead:
+async def get(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> Response:
     """One of the signed-in user's tasks; 404 if it is missing or someone else's."""
-    return await db.run(get_task, user_id=user.id, task_id=task_id)
+    return task_response(await db.run(get_task, user_id=user.id, task_id=task_id))

@@ -2,11 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import Query
+from fastapi import Query, Response
 
 from backend.features.list.handler import list_tasks
 from backend.features.list.schema import StatusFilter
-from backend.features.task_model import TaskRead, tasks_router
+from backend.features.task_model import TaskRead, tasks_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import DatabaseDep
 
@@ -20,6 +20,6 @@ async def list_(
     status: Annotated[
         StatusFilter, Query(description="Which tasks: all (default), pending or completed.")
     ] = StatusFilter.all,
-) -> list[TaskRead]:
+) -> Response:
     """The signed-in user's tasks, newest first; `[]` when there are none."""
-    return await db.run(list_tasks, user_id=user.id, status=status)
+    return tasks_response(await db.run(list_tasks, user_id=user.id, status=status))

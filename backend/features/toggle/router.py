@@ -1,6 +1,8 @@
 """Toggle: `PATCH /api/{user_id}/tasks/{task_id}/complete`."""
 
-from backend.features.task_model import TaskId, tasks_router
+from fastapi import Response
+
+from backend.features.task_model import TaskId, task_response, tasks_router
 from backend.features.toggle.handler import toggle_task
 from backend.features.toggle.schema import TaskRead
 from backend.platform.auth import CurrentUser
@@ -10,6 +12,6 @@ router = tasks_router()
 
 
 @router.patch("/{task_id}/complete", response_model=TaskRead, summary="Toggle completion")
-async def toggle(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> TaskRead:
+async def toggle(task_id: TaskId, user: CurrentUser, db: DatabaseDep) -> Response:
     """Flip the task between pending and completed; no body needed."""
-    return await db.run(toggle_task, user_id=user.id, task_id=task_id)
+    return task_response(await db.run(toggle_task, user_id=user.id, task_id=task_id))

@@ -1,6 +1,8 @@
 """Update: `PUT` and `PATCH /api/{user_id}/tasks/{task_id}`."""
 
-from backend.features.task_model import TaskId, TaskRead, tasks_router
+from fastapi import Response
+
+from backend.features.task_model import TaskId, TaskRead, task_response, tasks_router
 from backend.features.update.handler import update_task
 from backend.features.update.schema import TaskPatch, TaskReplace
 from backend.platform.auth import CurrentUser
@@ -15,14 +17,18 @@ router = tasks_router()
 )
 async def replace(
     task_id: TaskId, body: TaskReplace, user: CurrentUser, db: DatabaseDep
-) -> TaskRead:
+) -> Response:
     """Set the title (required) and any of description and completed; others keep their value."""
-    return await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())
+    return task_response(
+        await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())
+    )
 
 
 @router.patch(
     "/{task_id}", response_model=TaskRead, summary="Edit a task", responses=error_responses(413)
 )
-async def patch(task_id: TaskId, body: TaskPatch, user: CurrentUser, db: DatabaseDep) -> TaskRead:
+async def patch(task_id: TaskId, body: TaskPatch, user: CurrentUser, db: DatabaseDep) -> Response:
     """Change only the fields sent; an empty body changes nothing."""
-    return await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())
+    return task_response(
+        await db.run(update_task, user_id=user.id, task_id=task_id, changes=body.changes())
+    )

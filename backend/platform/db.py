@@ -1,4 +1,4 @@
-"""The database engine and pool, the per-request session dependency, and schema bootstrap."""
+"""The database engine and pool, `Database` (handlers run on the event loop), schema bootstrap."""
 
 import asyncio
 import functools
@@ -296,12 +296,14 @@ def _call(
         return handler(session, **kwargs)
     finally:
         # A handler that failed mid-transaction is rolled back here, releasing its connection
-        # while its slot is still held. Whatever it loaded is forgotten, so the next request
-        # (perhaps another user's) starts from an empty session.
-        if session.in_transaction():
-            session.rollback()
-        if forget and session.identity_map:
-            session.expunge_all()
+        # while its slot is still held, and whatever it loaded is forgotten: the next request
+        # (perhaps another user's) starts from an empty session. close() does both and copes
+        # with a connection that died; a closed Session is used again as if new.
+        if forget:
+            if session.in_transaction() or session.identity_map:
+                session.close()
+        elif session.in_transaction():
+            session.rollback()  # the caller's session: roll back, keep its objects
 
 
 async def get_database(request: Request) -> Database:

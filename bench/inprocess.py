@@ -10,14 +10,18 @@ time per request; then it deletes its user and tasks. The database must exist; t
 its tables.
 
 CPU time on a shared machine is noisy (run-to-run spread of 20% was seen here). For a
-repeatable figure, count instructions with valgrind, which does not depend on what else runs:
+repeatable figure, count instructions with valgrind, which does not depend on what else runs,
+and take the difference of a short and a long run, so that start-up drops out:
 
-    for n in 50 250; do valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
-        .venv/bin/python bench/inprocess.py get --requests $n --warm-up 20 2>&1 | grep Collected
+    for n in 50 1050; do PYTHONHASHSEED=0 valgrind --tool=callgrind \
+        --callgrind-out-file=/dev/null .venv/bin/python bench/inprocess.py get \
+        --requests $n --warm-up 20 2>&1 | grep Collected
     done
 
-and divide the difference of the two totals by 200: instructions per request, start-up
-excluded. Two checkouts measured this way compare to within a fraction of a percent.
+Instructions per request = (second total - first total) / 1000. Start-up alone is about 3.3
+billion instructions and varies by some tens of millions from run to run (hash seeds, the
+database), so a difference over only 200 requests is good to a few percent, not better: fix
+the hash seed and use a thousand requests or more before believing a change of a few percent.
 """
 
 import argparse

@@ -55,7 +55,7 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         pool_recycle=settings.DB_POOL_RECYCLE_SECONDS,
         pool_pre_ping=False,
         # In autocommit no connection comes back inside a transaction, so the rollback SQLAlchemy
-        # would send on every return has nothing to undo (about 3% of a request, callgrind).
+        # would run on every return has nothing to undo.
         pool_reset_on_return=None if autocommit else "rollback",
         isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={

@@ -47,8 +47,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         )
         # Everything built so far (modules, the app, pydantic's validators) lives as long as
         # the process. Left in the collector, each full collection walks all of it: about
-        # 100 ms with every request on hold, the largest part of p99 under load. Frozen, a
-        # full collection takes 2-3 ms (measured with gc.callbacks under wrk).
+        # 100 ms with every request on hold, roughly once a second under load. Frozen, a full
+        # collection takes 2-3 ms (measured with gc.callbacks under wrk).
         gc.collect()
         gc.freeze()
         yield

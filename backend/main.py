@@ -18,7 +18,7 @@ from backend.features.list.router import router as list_router
 from backend.features.task_model import schema_ddl
 from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
-from backend.platform.auth import TokenVerifier
+from backend.platform.auth import TokenVerifier, document_bearer_auth
 from backend.platform.config import Settings, get_settings
 from backend.platform.db import Database, build_engine, close_pool, run_ddl, wait_for_database
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         health_router,
     ):
         app.include_router(router)
+    document_bearer_auth(app)
 
     # Added innermost first: the request log wraps everything, CORS answers preflights before
     # the size limit or any route sees them.

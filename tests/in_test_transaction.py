@@ -3,19 +3,18 @@
 from fastapi import FastAPI
 from sqlmodel import Session
 
-from backend.platform.db import Database, get_database
+from backend.platform.db import Database
 
 
 def serve_in_session(app: FastAPI, session: Session) -> None:
     """Every request of `app` runs its handler in `session` (one request at a time), until
     `stop_serving_in_session(app)`."""
-    database = Database.for_session(session)
-
-    async def database_in_test_transaction() -> Database:
-        return database
-
-    app.dependency_overrides[get_database] = database_in_test_transaction
+    if not hasattr(app.state, "database_outside_tests"):
+        app.state.database_outside_tests = app.state.database
+    app.state.database = Database.for_session(session)
 
 
 def stop_serving_in_session(app: FastAPI) -> None:
-    app.dependency_overrides.pop(get_database, None)
+    if hasattr(app.state, "database_outside_tests"):
+        app.state.database = app.state.database_outside_tests
+        del app.state.database_outside_tests

@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 from backend.features.task_model import schema_ddl
 from backend.main import create_app
 from backend.platform.config import EXAMPLE_SECRET, Settings
-from backend.platform.db import get_database
 from tests.factories import TaskFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,6 +354,11 @@ def test_openapi_documents_the_bearer_scheme_and_errors(client):
     for path, method, op in operations:
         assert {"401", "403", "404", "422"} <= set(op["responses"]), (path, method)
         assert op["security"] == [{"BetterAuthJWT": []}], (path, method)
+        # Documented by the route class, not by a dependency: once, as a required path string.
+        user_ids = [p for p in op["parameters"] if p["name"] == "user_id"]
+        assert len(user_ids) == 1, (path, method)
+        assert user_ids[0]["in"] == "path" and user_ids[0]["required"] is True
+        assert user_ids[0]["schema"]["type"] == "string"
         assert op["responses"]["401"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorDetail"
         }
@@ -378,10 +382,7 @@ def test_write_is_committed_before_the_handler_returns(
             await run_in_threadpool(release.wait, 10)
             return result
 
-    async def held_database():
-        return HeldAfterHandler()
-
-    live_app.dependency_overrides[get_database] = held_database
+    live_app.state.database = HeldAfterHandler()
     result = {}
     headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
 
@@ -407,7 +408,7 @@ def test_write_is_committed_before_the_handler_returns(
     finally:
         release.set()
         sender.join(15)
-        live_app.dependency_overrides.pop(get_database, None)
+        live_app.state.database = database
     assert result["response"].status_code == 201
 
 

@@ -6,12 +6,12 @@ import select
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
 import structlog
-from fastapi import Depends, Request
+from fastapi import Request
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -306,11 +306,13 @@ def _call(
             session.rollback()  # the caller's session: roll back, keep its objects
 
 
-async def get_database(request: Request) -> Database:
+def database_of(request: Request) -> Database:
+    """The app's `Database` (`app.state.database`; tests put one on their own session there).
+
+    Routes take `request: Request` and call this rather than declaring a `Depends`: FastAPI
+    passes the request for free, while each dependency it resolves costs about 5% of the CPU
+    of a request (measured on `get`: 1.731 M -> 1.644 M instructions without one)."""
     return request.app.state.database  # type: ignore[no-any-return]
-
-
-DatabaseDep = Annotated[Database, Depends(get_database)]
 
 
 def _socket_has_data(fd: int) -> bool:

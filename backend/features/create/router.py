@@ -1,12 +1,12 @@
 """Create: `POST /api/{user_id}/tasks`."""
 
-from fastapi import Response, status
+from fastapi import Request, Response, status
 
 from backend.features.create.handler import create_task
 from backend.features.create.schema import TaskCreate
 from backend.features.task_model import TaskRead, task_response, tasks_router
 from backend.platform.auth import CurrentUser
-from backend.platform.db import DatabaseDep
+from backend.platform.db import database_of
 from backend.platform.errors import error_responses
 
 router = tasks_router()
@@ -19,8 +19,10 @@ router = tasks_router()
     summary="Create a task",
     responses=error_responses(413),
 )
-async def create(body: TaskCreate, user: CurrentUser, db: DatabaseDep) -> Response:
+async def create(body: TaskCreate, user: CurrentUser, request: Request) -> Response:
     """Create a task owned by the signed-in user; committed before the 201 is sent."""
+    db = database_of(request)
     return task_response(
-        await db.run(create_task, user_id=user.id, data=body), status.HTTP_201_CREATED
+        await db.run(create_task, user_id=user.id, data=body),
+        status.HTTP_201_CREATED,
     )

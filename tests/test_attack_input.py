@@ -309,6 +309,20 @@ def test_odd_task_ids_are_404_and_change_nothing(api, user, other_user, session,
     assert snapshot(session) == before
 
 
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+@pytest.mark.parametrize("raw_id", ["0", "abc", "99999999999"])
+def test_an_impossible_task_id_is_404_before_the_body_is_read(api, user, method, raw_id):
+    """The id is checked right after the token: malformed JSON behind it is never parsed."""
+    response = api.client.request(
+        method,
+        f"/api/{user.id}/tasks/{raw_id}",
+        content=b'{"title": ',
+        headers={**api.headers, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": "Task not found"}
+
+
 # --- path user ids ------------------------------------------------------------------------------
 
 ODD_PATH_USERS = [

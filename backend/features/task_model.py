@@ -7,7 +7,7 @@ lives here or in `backend.platform`.
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Path, Response
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -181,17 +181,7 @@ def tasks_response(tasks: list[TaskRead]) -> Response:
     return Response(_TASKS_JSON.dump_json(tasks), media_type="application/json")
 
 
-async def parse_task_id(
-    task_id: Annotated[
-        str,
-        Path(
-            description="The task's id: a positive integer. Anything else is 404.",
-            # Parsed here rather than by FastAPI (which would answer 422), yet documented as
-            # what it is: the integer `id` of a task, within the column's range.
-            json_schema_extra={"type": "integer", "minimum": 1, "maximum": MAX_TASK_ID},
-        ),
-    ],
-) -> int:
+def parse_task_id(task_id: str) -> int:
     """Any id that cannot name a row is simply not found: 404, never 422 or 500."""
     if not task_id.isascii() or not task_id.isdigit() or task_id.startswith("0"):
         raise TaskNotFoundError
@@ -200,7 +190,29 @@ async def parse_task_id(
     return int(task_id)
 
 
-TaskId = Annotated[int, Depends(parse_task_id)]
+class TasksRoute(AuthenticatedRoute):
+    """Every task route: authenticated first (see `AuthenticatedRoute`), then a `{task_id}` that
+    cannot name a row is 404, like a task that does not exist, before the body is read.
+
+    The check runs here rather than in a dependency because each dependency FastAPI resolves
+    costs every request about 5% of its CPU (measured with callgrind on `get`)."""
+
+    def check_path_params(self, path_params: dict[str, Any]) -> None:
+        task_id = path_params.get("task_id")
+        if task_id is not None:
+            parse_task_id(task_id)
+
+
+# What reaches a route has passed `parse_task_id`, so FastAPI's own conversion cannot fail; the
+# bounds are there for the OpenAPI schema: the integer `id` of a task, within the column's range.
+TaskId = Annotated[
+    int,
+    Path(
+        description="The task's id: a positive integer. Anything else is 404.",
+        ge=1,
+        le=MAX_TASK_ID,
+    ),
+]
 
 
 # The ownership guard every single-task statement filters on: another user's task is
@@ -223,6 +235,6 @@ def tasks_router() -> APIRouter:
     return APIRouter(
         prefix="/api/{user_id}/tasks",
         tags=["tasks"],
-        route_class=AuthenticatedRoute,
+        route_class=TasksRoute,
         responses=TASK_ERRORS,
     )

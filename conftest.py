@@ -199,7 +199,10 @@ class UserClient:
 
 @pytest.fixture(scope="session")
 def live_app(settings: Settings, engine: Engine) -> FastAPI:
-    return create_app(settings, engine=engine)
+    """The app with an engine of its own, as in production: its sessions keep their pooled
+    connections between requests, so it must not share a pool with the tests' own queries.
+    (`engine` is asked for so that the schema exists first.)"""
+    return create_app(settings)
 
 
 @pytest.fixture(scope="session")

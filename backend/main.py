@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         gc.freeze()
         yield
         # uvicorn runs this after SIGTERM once in-flight requests have finished.
+        app.state.database.close()
         await run_in_threadpool(close_pool, engine)
 
     app = FastAPI(

@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 import structlog
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.util import await_
 from sqlmodel import Session, select
@@ -78,6 +79,7 @@ def test_new_connections_are_opened_off_the_event_loop(serving_engine, monkeypat
     thread, never on the loop's."""
     db = database(serving_engine)
     asyncio.run(db.run(sleep_in_database, seconds=0))
+    db.close()
     serving_engine.dispose()  # the next request needs a new connection
     opened_on = []
     original = psycopg2.connect
@@ -174,19 +176,68 @@ def test_never_more_sessions_than_the_pool_has_connections(serving_engine):
     assert max(most) == 2
 
 
-def test_a_handler_failing_mid_transaction_hands_back_its_connection(serving_engine):
+def test_a_handler_failing_mid_transaction_leaves_no_transaction_behind(serving_engine):
     db = database(serving_engine, sessions=1)
 
     def fail_after_a_statement(session: Session) -> None:
         session.connection().execute(text("SELECT 1"))
         raise RuntimeError("bug after the statement")
 
+    def in_transaction(session: Session) -> bool:
+        return session.in_transaction()
+
     async def scenario():
         with pytest.raises(RuntimeError):
             await db.run(fail_after_a_statement)
-        return serving_engine.pool.checkedout()  # type: ignore[attr-defined]
+        return await db.run(in_transaction)
 
-    assert asyncio.run(scenario()) == 0
+    assert asyncio.run(scenario()) is False
+
+
+def backend_pid(session: Session) -> int:
+    pid = session.connection().execute(text("SELECT pg_backend_pid()")).scalar_one()
+    session.commit()
+    return pid
+
+
+def test_a_session_keeps_its_connection_from_request_to_request(serving_engine):
+    db = database(serving_engine, sessions=1)
+
+    async def scenario():
+        return [await db.run(backend_pid) for _ in range(3)]
+
+    first, *rest = asyncio.run(scenario())
+    assert rest == [first, first]
+    assert serving_engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+
+
+def test_a_connection_past_its_age_is_replaced(serving_engine):
+    db = Database(serving_engine, sessions=1, checkout_timeout=5, recycle_seconds=0.2)
+
+    async def scenario():
+        pids = [await db.run(backend_pid), await db.run(backend_pid)]
+        await asyncio.sleep(0.3)
+        return [*pids, await db.run(backend_pid)]
+
+    first, again, later = asyncio.run(scenario())
+    assert again == first
+    assert later != first
+
+
+def test_a_connection_broken_by_an_error_is_replaced_for_the_next_request(serving_engine):
+    db = database(serving_engine, sessions=1)
+
+    def kill_own_backend(session: Session) -> None:
+        session.connection().execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    async def scenario():
+        before = await db.run(backend_pid)
+        with pytest.raises(OperationalError):
+            await db.run(kill_own_backend)
+        return before, await db.run(backend_pid)
+
+    before, after = asyncio.run(scenario())
+    assert after != before
 
 
 def test_a_reused_session_carries_nothing_from_the_previous_request(serving_engine, committed_user):

@@ -308,16 +308,13 @@ async def get_current_user(request: Request) -> AuthUser:
 CurrentUser = Annotated[AuthUser, Depends(get_current_user)]
 
 # How every task route's `{user_id}` and bearer token appear in the OpenAPI schema.
+_USER_ID_DESCRIPTION = "The signed-in user's id: the token's `sub`."
 USER_ID_PARAMETER = {
     "name": "user_id",
     "in": "path",
     "required": True,
-    "description": "The signed-in user's id: the token's `sub`.",
-    "schema": {
-        "type": "string",
-        "title": "User Id",
-        "description": "The signed-in user's id: the token's `sub`.",
-    },
+    "description": _USER_ID_DESCRIPTION,
+    "schema": {"type": "string", "title": "User Id", "description": _USER_ID_DESCRIPTION},
 }
 BEARER_SECURITY: dict[str, list[str]] = {bearer_scheme.scheme_name: []}
 

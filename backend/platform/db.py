@@ -215,9 +215,9 @@ class Database:
     Sessions are reused, and each keeps its connection checked out between requests: returning
     it to the pool and taking it back (with the session's bookkeeping around both) cost about
     6% of the CPU of a whole request. What the pool's checkout did for each request is done
-    here instead (`_session_for`): a connection the server has hung up on, or one older than
-    DB_POOL_RECYCLE_SECONDS, is handed back to the pool, whose own checks then replace it. A
-    session leaves no state behind for the next request (see `_call`).
+    here instead (`_session_for`): a connection that an error broke, that the server has hung
+    up on while idle, or that is older than DB_POOL_RECYCLE_SECONDS is discarded and replaced.
+    A session leaves no state behind for the next request (see `_call`).
     """
 
     def __init__(

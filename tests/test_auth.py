@@ -5,7 +5,11 @@ import json
 import time
 
 import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
 
+from backend.platform.auth import CurrentUser, TokenVerifier
+from backend.platform.errors import install_error_handlers
 from tests.factories import TaskFactory
 
 
@@ -150,3 +154,22 @@ def test_request_log_line_names_the_user(client, user, make_token, capsys):
     (request_line,) = [x for x in lines if x.get("event") == "request"]
     assert request_line["user_id"] == user.id
     assert request_line["status"] == 200
+
+
+def test_current_user_verifies_the_token_itself_outside_the_task_routes(settings, make_token):
+    """`CurrentUser` on a plain route (not an AuthenticatedRoute, which verifies first) still
+    verifies the token, and still refuses one for another user's path."""
+    app = FastAPI()
+    app.state.token_verifier = TokenVerifier(settings)
+    install_error_handlers(app)
+    router = APIRouter()
+
+    @router.get("/plain/{user_id}")
+    async def whoami(user: CurrentUser) -> dict[str, str]:
+        return {"id": user.id}
+
+    app.include_router(router)
+    client = TestClient(app)
+    assert client.get("/plain/alice", headers=bearer(make_token("alice"))).json() == {"id": "alice"}
+    assert client.get("/plain/alice").status_code == 401
+    assert client.get("/plain/bob", headers=bearer(make_token("alice"))).status_code == 403

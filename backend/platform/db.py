@@ -157,10 +157,7 @@ def _wait_with_deadline(connection: Any) -> None:
         )
         remaining_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
         if not poller.poll(remaining_ms):
-            what = "connecting to" if connecting else "an answer from"
-            raise psycopg2.OperationalError(
-                f"timed out after {timeout} s waiting for {what} the database"
-            )
+            raise _timed_out(timeout, connecting)
 
 
 def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None) -> None:
@@ -188,10 +185,12 @@ def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None
             if timer is not None:
                 timer.cancel()
         if not answered:
-            what = "connecting to" if connecting else "an answer from"
-            raise psycopg2.OperationalError(
-                f"timed out after {timeout} s waiting for {what} the database"
-            )
+            raise _timed_out(timeout, connecting)
+
+
+def _timed_out(timeout: float | None, connecting: bool) -> psycopg2.OperationalError:
+    what = "connecting to" if connecting else "an answer from"
+    return psycopg2.OperationalError(f"timed out after {timeout} s waiting for {what} the database")
 
 
 def _settle(future: "asyncio.Future[bool]", value: bool) -> None:

@@ -166,7 +166,6 @@ def test_never_more_sessions_than_the_pool_has_connections(serving_engine):
         session.connection().execute(text("SELECT 1"))
         most.append(serving_engine.pool.checkedout())  # type: ignore[attr-defined]
         await_(asyncio.sleep(0.05))
-        session.commit()
 
     async def scenario():
         await asyncio.gather(*(db.run(observe) for _ in range(6)))
@@ -195,9 +194,7 @@ def test_a_handler_failing_mid_transaction_leaves_no_transaction_behind(serving_
 
 
 def backend_pid(session: Session) -> int:
-    pid = session.connection().execute(text("SELECT pg_backend_pid()")).scalar_one()
-    session.commit()
-    return pid
+    return session.connection().execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
 def test_a_session_keeps_its_connection_from_request_to_request(serving_engine):
@@ -251,11 +248,10 @@ def test_a_reused_session_carries_nothing_from_the_previous_request(serving_engi
 
     def load(session: Session) -> Task:
         (task,) = session.exec(select(Task).where(Task.user_id == committed_user))
-        session.commit()
         return task
 
-    def what_the_session_holds(session: Session) -> tuple[int, bool]:
-        return len(session.identity_map), session.in_transaction()
+    def what_the_session_holds(session: Session) -> tuple[int, int]:
+        return len(session.identity_map), len(session.new)
 
     async def scenario():
         still_referenced = await db.run(load)  # as a response being sent would be
@@ -263,7 +259,7 @@ def test_a_reused_session_carries_nothing_from_the_previous_request(serving_engi
 
     loaded, held = asyncio.run(scenario())
     assert loaded.title == "loaded"
-    assert held == (0, False)
+    assert held == (0, 0)
 
 
 def test_a_session_handed_to_a_waiter_cancelled_that_instant_is_not_lost(serving_engine):
@@ -302,3 +298,90 @@ def test_log_lines_inside_a_handler_keep_the_request_context(serving_engine, set
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     (line,) = [x for x in lines if x["event"] == "inside.handler"]
     assert line["request_id"] == "req-42"
+
+
+@pytest.fixture(params=["autocommit", "transactional"])
+def any_engine(request, settings):
+    """The serving engine (each statement commits itself) and a transactional one: `Database`
+    must store a handler's writes on either."""
+    engine = build_engine(
+        settings.model_copy(update={"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}),
+        autocommit=request.param == "autocommit",
+    )
+    yield engine
+    engine.dispose()
+
+
+def titles_of(engine: Engine, user_id: str) -> list[str]:
+    """What another connection sees: only what was committed."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT title FROM tasks WHERE user_id = :u ORDER BY id"), {"u": user_id}
+        )
+        return [title for (title,) in rows]
+
+
+def test_what_a_handler_writes_is_committed_when_it_returns(any_engine, committed_user):
+    """Handlers never commit; `Database` does, once the handler has returned."""
+    db = database(any_engine, sessions=1)
+
+    def insert_task(session: Session) -> None:
+        session.connection().execute(
+            text("INSERT INTO tasks (user_id, title) VALUES (:u, 'kept')"), {"u": committed_user}
+        )
+
+    async def scenario():
+        await db.run(insert_task)
+        await db.run(backend_pid)  # the session serves the next request as usual
+        db.close()
+
+    asyncio.run(scenario())
+    assert titles_of(any_engine, committed_user) == ["kept"]
+
+
+def test_objects_a_handler_adds_are_written_when_it_returns(any_engine, committed_user):
+    """An ORM write is only flushed by a commit; on the serving engine too, whose statements
+    otherwise need none."""
+    db = database(any_engine, sessions=1)
+
+    def add_task(session: Session) -> None:
+        session.add(Task(user_id=committed_user, title="added"))
+
+    async def scenario():
+        await db.run(add_task)
+        db.close()
+
+    asyncio.run(scenario())
+    assert titles_of(any_engine, committed_user) == ["added"]
+
+
+def test_what_a_failing_handler_wrote_is_rolled_back_not_committed_by_the_next(
+    settings, committed_user
+):
+    """On a transactional engine, a handler that raises leaves nothing behind, even when the
+    next request on the same session commits (on the serving engine each statement is stored
+    as it runs, which is why a handler sends only one)."""
+    engine = build_engine(settings.model_copy(update={"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
+    db = database(engine, sessions=1)
+
+    def insert(session: Session, *, title: str) -> None:
+        session.connection().execute(
+            text("INSERT INTO tasks (user_id, title) VALUES (:u, :t)"),
+            {"u": committed_user, "t": title},
+        )
+
+    def insert_then_fail(session: Session) -> None:
+        insert(session, title="lost")
+        raise RuntimeError("bug after the statement")
+
+    async def scenario():
+        with pytest.raises(RuntimeError):
+            await db.run(insert_then_fail)
+        await db.run(insert, title="next")
+        db.close()
+
+    try:
+        asyncio.run(scenario())
+        assert titles_of(engine, committed_user) == ["next"]
+    finally:
+        engine.dispose()

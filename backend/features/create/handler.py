@@ -21,9 +21,7 @@ def create_task(session: Session, *, user_id: str, data: TaskCreate) -> TaskRead
     }
     try:
         row = session.connection().execute(CREATE_TASK, values).one()
-        session.commit()
     except IntegrityError as exc:
-        session.rollback()
         if getattr(exc.orig, "pgcode", None) == errorcodes.FOREIGN_KEY_VIOLATION:
             # The token is valid but its user is not in the users table (deleted, or a token
             # minted for an id Better Auth never had): an authentication problem, not a crash.

@@ -17,7 +17,6 @@ DELETE_TASK = delete(TASKS).where(*OWNED_BY_CALLER).returning(*TASK_COLUMNS)
 
 def delete_task(session: Session, *, user_id: str, task_id: int) -> TaskRead:
     row = session.connection().execute(DELETE_TASK, owner_params(user_id, task_id)).one_or_none()
-    session.commit()
     if row is None:
         raise TaskNotFoundError
     return TaskRead.from_row(row)

@@ -11,7 +11,6 @@ GET_TASK = select(*TASK_COLUMNS).where(*OWNED_BY_CALLER)
 
 def get_task(session: Session, *, user_id: str, task_id: int) -> TaskRead:
     row = session.connection().execute(GET_TASK, owner_params(user_id, task_id)).one_or_none()
-    session.commit()
     if row is None:
         raise TaskNotFoundError
     return TaskRead.from_row(row)

@@ -21,5 +21,4 @@ LIST_TASKS: dict[StatusFilter, Select] = {
 
 def list_tasks(session: Session, *, user_id: str, status: StatusFilter) -> list[TaskRead]:
     rows = session.connection().execute(LIST_TASKS[status], {"owner_id": user_id}).all()
-    session.commit()  # ends the read transaction now, returning the connection to the pool
     return [TaskRead.from_row(row) for row in rows]

@@ -23,7 +23,6 @@ TOGGLE_TASK = (
 
 def toggle_task(session: Session, *, user_id: str, task_id: int) -> TaskRead:
     row = session.connection().execute(TOGGLE_TASK, owner_params(user_id, task_id)).one_or_none()
-    session.commit()
     if row is None:
         raise TaskNotFoundError
     return TaskRead.from_row(row)

@@ -41,7 +41,6 @@ def update_task(
         # Nothing to change (an empty PATCH): answer with the task as it is, untouched.
         statement = UNCHANGED_TASK
     row = session.connection().execute(statement, params).one_or_none()
-    session.commit()
     if row is None:
         raise TaskNotFoundError
     return TaskRead.from_row(row)

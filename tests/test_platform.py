@@ -550,3 +550,19 @@ def test_log_lines_from_concurrent_threads_never_share_a_line(client, capsys):
     parsed = [json.loads(line) for line in lines]  # every line is one whole JSON object
     assert sum(1 for x in parsed if x["event"] == "ours") == 1600
     assert sum(1 for x in parsed if x["event"].startswith("foreign")) == 1600
+
+
+def test_timestamps_are_answered_in_utc_whatever_the_connection_time_zone(session, task):
+    """Connections set their time zone to UTC, but a pooler in transaction mode (Neon's) may
+    hand out a server connection without that setting: tasks are still answered in UTC."""
+    from sqlalchemy import select
+
+    from backend.features.task_model import TASK_COLUMNS, TASKS, TaskRead
+
+    session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
+    rows = session.connection().execute(select(*TASK_COLUMNS).where(TASKS.c.id == task.id)).all()
+    assert rows[0].created_at.utcoffset().total_seconds() == 5.5 * 3600
+    for read in [TaskRead.from_row(rows[0]), *TaskRead.from_rows(rows)]:
+        assert read.created_at == rows[0].created_at  # the same instant...
+        answered = json.loads(read.model_dump_json())  # ...written in UTC
+        assert answered["created_at"].endswith("Z") and answered["updated_at"].endswith("Z")

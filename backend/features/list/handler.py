@@ -21,4 +21,4 @@ LIST_TASKS: dict[StatusFilter, Select] = {
 
 def list_tasks(session: Session, *, user_id: str, status: StatusFilter) -> list[TaskRead]:
     rows = session.connection().execute(LIST_TASKS[status], {"owner_id": user_id}).all()
-    return [TaskRead.from_row(row) for row in rows]
+    return TaskRead.from_rows(rows)

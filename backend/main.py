@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         await run_in_threadpool(
             wait_for_database, engine, timeout=settings.DB_STARTUP_WAIT_SECONDS, then=create_schema
         )
+        await run_in_threadpool(app.state.database.open_connections, settings.DB_POOL_SIZE)
         # Everything built so far (modules, the app, pydantic's validators) lives as long as
         # the process. Left in the collector, each full collection walks all of it: about
         # 100 ms with every request on hold, roughly once a second under load. Frozen, a full

@@ -385,3 +385,61 @@ def test_what_a_failing_handler_wrote_is_rolled_back_not_committed_by_the_next(
         assert titles_of(engine, committed_user) == ["next"]
     finally:
         engine.dispose()
+
+
+def test_the_service_opens_its_pool_at_start_up(settings):
+    """The first requests after a start find their connections open."""
+    from backend.main import create_app
+
+    app = create_app(settings.model_copy(update={"DB_POOL_SIZE": 3}))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            return app.state.engine.pool.checkedout(), len(app.state.database._idle)
+
+    assert asyncio.run(scenario()) == (3, 3)
+
+
+def test_connections_opened_together_are_not_all_replaced_together(settings):
+    """Each lives 80% to 100% of DB_POOL_RECYCLE_SECONDS (here 10,000 s), at random: four
+    opened at once would otherwise expire within the second it took to open them."""
+    engine = build_engine(settings.model_copy(update={"DB_POOL_SIZE": 4}), autocommit=True)
+    db = Database(engine, sessions=4, checkout_timeout=5, recycle_seconds=10_000)
+    before = time.monotonic()
+    try:
+        assert db.open_connections(4) == 4
+        after = time.monotonic()
+        expiries = [slot.expires_at for slot in db._idle]
+        assert all(before + 8_000 <= expiry <= after + 10_000 for expiry in expiries)
+        assert max(expiries) - min(expiries) > after - before + 1
+    finally:
+        db.close()
+        engine.dispose()
+
+
+def test_a_connection_not_opened_at_start_up_is_opened_on_demand(serving_engine, monkeypatch):
+    """Start-up goes on when the database refuses a connection, and the session that could
+    not get one is not lost: a request opens it later."""
+    real_connect = serving_engine.connect
+    refusals = [OperationalError("connect", {}, Exception("refused"))]
+
+    def connect_refusing_once():
+        if refusals:
+            raise refusals.pop()
+        return real_connect()
+
+    monkeypatch.setattr(serving_engine, "connect", connect_refusing_once)
+    db = database(serving_engine, sessions=2)
+    assert db.open_connections(2) == 1
+
+    def pid_after_a_pause(session: Session) -> int:
+        await_(asyncio.sleep(0.05))
+        return backend_pid(session)
+
+    async def scenario():
+        return await asyncio.gather(db.run(pid_after_a_pause), db.run(pid_after_a_pause))
+
+    try:
+        assert len(set(asyncio.run(scenario()))) == 2  # two sessions, at once
+    finally:
+        db.close()

@@ -2,11 +2,13 @@
 
 import asyncio
 import functools
+import random
 import select
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import psycopg2
@@ -14,7 +16,7 @@ import psycopg2.extensions
 import structlog
 from fastapi import Request
 from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 from sqlmodel import Session, create_engine
@@ -281,6 +283,35 @@ class Database:
             if not self._shared:
                 slot.release()
 
+    def open_connections(self, count: int) -> int:
+        """Open `count` sessions' connections now (at start-up, from a thread, before any
+        request): otherwise the first burst of requests after a start or a deploy each waits
+        for a connection to be opened, a TLS handshake away on Neon. Opened a few at a time.
+        A connection that cannot be opened is only logged: it is opened on demand later, as
+        without this. Returns how many were opened."""
+        count = min(count, self._capacity - self._created)
+        if count <= 0:
+            return 0
+        with ThreadPoolExecutor(max_workers=min(count, 4)) as pool:
+            slots = list(pool.map(lambda _: self._opened_slot(), range(count)))
+        opened = [slot for slot in slots if slot is not None]
+        self._created += len(opened)
+        self._idle.extend(opened)
+        if opened:
+            self._first_connection_made = True
+        if len(opened) < count:
+            log.warning("db.connections_not_opened_at_start", opened=len(opened), wanted=count)
+        return len(opened)
+
+    def _opened_slot(self) -> "_Slot | None":
+        slot = _Slot()
+        try:
+            self._session_for(slot)
+        except SQLAlchemyError as exc:
+            log.info("db.connection_open_failed", error=type(exc).__name__)
+            return None
+        return slot
+
     def _make_first_connection(self) -> None:
         """An engine's first connection runs SQLAlchemy's one-time dialect set-up under a thread
         lock; a second greenlet connecting meanwhile would block the loop on it for good. So
@@ -355,7 +386,10 @@ class Database:
             slot.connection = connection
             slot.autocommit = bool(slot.dbapi_connection.autocommit)
             slot.session = Session(bind=connection, expire_on_commit=False)
-            slot.expires_at = opened_at + self._recycle
+            # Connections opened together (at start-up, or by a burst of requests) are not all
+            # replaced at the same moment, which would stall that many requests at once: each
+            # lives between 80% and 100% of DB_POOL_RECYCLE_SECONDS.
+            slot.expires_at = opened_at + self._recycle * random.uniform(0.8, 1.0)
         assert slot.session is not None
         return slot.session
 

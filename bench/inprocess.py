@@ -41,6 +41,7 @@ from sqlalchemy import text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.main import create_app  # noqa: E402
+from backend.platform.db import build_engine  # noqa: E402
 
 UPDATE_BODY = b'{"title": "renamed", "description": "in process", "completed": false}'
 
@@ -63,7 +64,8 @@ def parse_args() -> argparse.Namespace:
 
 async def drive(app: Any, args: argparse.Namespace) -> None:
     async with app.router.lifespan_context(app):
-        engine = app.state.engine
+        # Not the app's engine: its connections are all held by the app's sessions.
+        engine = build_engine(app.state.settings)
         user_id = f"inprocess-{uuid.uuid4().hex[:12]}"
         with engine.begin() as connection:
             connection.execute(
@@ -106,9 +108,9 @@ async def drive(app: Any, args: argparse.Namespace) -> None:
                 f"{cpu / args.requests * 1e6:.0f} us CPU per request"
             )
         finally:
-            app.state.database.close()  # its sessions keep their connections between requests
             with engine.begin() as connection:
                 connection.execute(text('DELETE FROM "user" WHERE id = :id'), {"id": user_id})
+            engine.dispose()
 
 
 def request_sender(app: Any, operation: str, user_id: str, task_id: int, token: str) -> Any:

@@ -47,7 +47,7 @@ def main() -> None:
     from backend.platform.db import build_engine, quote_identifier, run_ddl
 
     settings = get_settings()
-    engine = build_engine(settings)
+    engine = build_engine(settings, autocommit=True)  # as the service runs in production
     run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))
     users = quote_identifier(settings.AUTH_USER_TABLE)
     with engine.begin() as connection:

@@ -443,3 +443,27 @@ def test_a_connection_not_opened_at_start_up_is_opened_on_demand(serving_engine,
         assert len(set(asyncio.run(scenario()))) == 2  # two sessions, at once
     finally:
         db.close()
+
+
+def test_a_connection_killed_while_idle_is_replaced_cleanly(serving_engine, settings, capsys):
+    """Between requests the session's transaction is left open on its connection (see
+    `Database._commit`); a connection the server closed meanwhile is still discarded cleanly
+    and replaced, and the request on it succeeds."""
+    configure_logging(settings)
+    db = database(serving_engine, sessions=1)
+
+    async def scenario():
+        before = await db.run(backend_pid)
+        with serving_engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": before})
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the idle socket
+        after = await db.run(backend_pid)
+        db.close()
+        return before, after
+
+    capsys.readouterr()
+    before, after = asyncio.run(scenario())
+    events = [json.loads(x)["event"] for x in capsys.readouterr().out.splitlines() if x[:1] == "{"]
+    assert after != before
+    assert "db.connection_discarded" in events
+    assert "db.connection_close_failed" not in events

@@ -362,7 +362,7 @@ class Database:
             if session.in_transaction():
                 session.commit()  # the caller's: a savepoint released, inside its transaction
             return
-        if not slot.autocommit or session.new or session.identity_map:
+        if not slot.dbapi_connection.autocommit or session.new or session.identity_map:
             session.commit()
             if session.identity_map:
                 session.close()
@@ -384,7 +384,6 @@ class Database:
                 connection.close()
                 raise
             slot.connection = connection
-            slot.autocommit = bool(slot.dbapi_connection.autocommit)
             slot.session = Session(bind=connection, expire_on_commit=False)
             # Connections opened together (at start-up, or by a burst of requests) are not all
             # replaced at the same moment, which would stall that many requests at once: each
@@ -425,13 +424,12 @@ class Database:
 class _Slot:
     """One of `Database`'s sessions and the connection it keeps between requests."""
 
-    __slots__ = ("session", "connection", "dbapi_connection", "autocommit", "expires_at")
+    __slots__ = ("session", "connection", "dbapi_connection", "expires_at")
 
     def __init__(self) -> None:
         self.session: Session | None = None
         self.connection: Connection | None = None
         self.dbapi_connection: Any = None
-        self.autocommit = False
         self.expires_at = 0.0
 
     def why_unusable(self) -> str | None:

@@ -312,6 +312,12 @@ def any_engine(request, settings):
     engine.dispose()
 
 
+def insert_task(session: Session, *, user_id: str, title: str) -> None:
+    session.connection().execute(
+        text("INSERT INTO tasks (user_id, title) VALUES (:u, :t)"), {"u": user_id, "t": title}
+    )
+
+
 def titles_of(engine: Engine, user_id: str) -> list[str]:
     """What another connection sees: only what was committed."""
     with engine.connect() as connection:
@@ -325,13 +331,8 @@ def test_what_a_handler_writes_is_committed_when_it_returns(any_engine, committe
     """Handlers never commit; `Database` does, once the handler has returned."""
     db = database(any_engine, sessions=1)
 
-    def insert_task(session: Session) -> None:
-        session.connection().execute(
-            text("INSERT INTO tasks (user_id, title) VALUES (:u, 'kept')"), {"u": committed_user}
-        )
-
     async def scenario():
-        await db.run(insert_task)
+        await db.run(insert_task, user_id=committed_user, title="kept")
         await db.run(backend_pid)  # the session serves the next request as usual
         db.close()
 
@@ -364,20 +365,14 @@ def test_what_a_failing_handler_wrote_is_rolled_back_not_committed_by_the_next(
     engine = build_engine(settings.model_copy(update={"DB_POOL_SIZE": 1, "DB_MAX_OVERFLOW": 0}))
     db = database(engine, sessions=1)
 
-    def insert(session: Session, *, title: str) -> None:
-        session.connection().execute(
-            text("INSERT INTO tasks (user_id, title) VALUES (:u, :t)"),
-            {"u": committed_user, "t": title},
-        )
-
     def insert_then_fail(session: Session) -> None:
-        insert(session, title="lost")
+        insert_task(session, user_id=committed_user, title="lost")
         raise RuntimeError("bug after the statement")
 
     async def scenario():
         with pytest.raises(RuntimeError):
             await db.run(insert_then_fail)
-        await db.run(insert, title="next")
+        await db.run(insert_task, user_id=committed_user, title="next")
         db.close()
 
     try:

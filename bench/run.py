@@ -9,6 +9,12 @@ latency per operation, and deletes every task of the user when done. The user mu
 Better Auth's users table; with --database-url it is created there if missing. Needs `wrk`
 (`apt-get install wrk`, `brew install wrk`) and the project's dependencies (PyJWT, psycopg2).
 Exit status 1 when any request failed or answered other than 2xx.
+
+With --database-url it also samples `pg_stat_activity` every 10 ms while each operation runs
+and prints what the service's connections (application_name `todo-api`) were doing while a
+statement of theirs was active: on the CPU, or waiting, and on what. That tells a slow p99 that
+is the database's (writes waiting for the WAL to reach the disk: `IO:WALSync`,
+`LWLock:WALWrite`) from one that is the service's (the database mostly idle).
 """
 
 import argparse
@@ -20,8 +26,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,13 +59,19 @@ def main() -> int:
     base = f"{prefix}/api/{args.user}/tasks"
     results = []
 
+    waits: dict[str, Counter[str]] = {}
+
     def measure(
         name: str, method: str, path: str, body: Any = None, ids: Sequence[int] = ()
     ) -> None:
-        with tempfile.NamedTemporaryFile("w", prefix="todo-bench-", suffix=".ids") as ids_file:
+        with (
+            tempfile.NamedTemporaryFile("w", prefix="todo-bench-", suffix=".ids") as ids_file,
+            sampled_waits(args.database_url, args.application_name) as seen,
+        ):
             ids_file.write("".join(f"{i}\n" for i in ids))
             ids_file.flush()
             results.append((name, run_wrk(args, token, method, path, body, ids_file.name)))
+        waits[name] = seen
 
     listed = api.seed(LIST_SIZE)
     measure("list", "GET", base)  # exactly the 20 tasks just seeded
@@ -82,6 +97,10 @@ def main() -> int:
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s per operation "
         f"against {args.url}"
     )
+    if args.database_url:
+        print(f"\nthe service's statements in the database ({args.application_name!r} sessions):")
+        for name, _ in results:
+            print(f"{name:<10}{describe_waits(waits[name])}")
     return 1 if failed else 0
 
 
@@ -94,6 +113,11 @@ def parse_args() -> argparse.Namespace:
         "--database-url", help="create the user in the users table if missing (optional)"
     )
     parser.add_argument("--users-table", default=os.environ.get("AUTH_USER_TABLE", "user"))
+    parser.add_argument(
+        "--application-name",
+        default="todo-api",
+        help="whose database sessions to sample with --database-url (the service's is todo-api)",
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds per operation")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
@@ -116,10 +140,62 @@ def ensure_user(database_url: str, user: str, table: str) -> None:
         'INSERT INTO {} (id, name, email, "emailVerified", "createdAt", "updatedAt") '
         "VALUES (%s, %s, %s, false, now(), now()) ON CONFLICT DO NOTHING"
     ).format(sql.Identifier(table))
-    url = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", database_url)
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+    with psycopg2.connect(_libpq_url(database_url)) as connection, connection.cursor() as cursor:
         cursor.execute(insert, (user, user, f"{user}@bench.invalid"))
     connection.close()
+
+
+WAIT_SAMPLE_SECONDS = 0.01
+ACTIVE_STATEMENTS = """
+    SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU')
+    FROM pg_stat_activity
+    WHERE application_name = %s AND state = 'active' AND pid <> pg_backend_pid()
+"""
+
+
+@contextmanager
+def sampled_waits(database_url: str | None, application_name: str) -> Iterator[Counter[str]]:
+    """Count, every 10 ms until the block ends, what each active statement of the service's
+    sessions is doing: `CPU` or its wait event. Without a database URL, counts nothing."""
+    seen: Counter[str] = Counter()
+    if not database_url:
+        yield seen
+        return
+    import psycopg2  # noqa: PLC0415 - only needed with --database-url
+
+    connection = psycopg2.connect(_libpq_url(database_url))
+    connection.autocommit = True  # each query a new snapshot of pg_stat_activity
+    done = threading.Event()
+
+    def sample() -> None:
+        with connection.cursor() as cursor:
+            while not done.wait(WAIT_SAMPLE_SECONDS):
+                cursor.execute(ACTIVE_STATEMENTS, (application_name,))
+                seen["samples"] += 1
+                seen.update(what for (what,) in cursor.fetchall())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
+        connection.close()
+
+
+def describe_waits(seen: Counter[str]) -> str:
+    """`busy 7.9 statements at a time: IO:WALSync 41%, CPU 30%, ...` from `sampled_waits`."""
+    samples = seen.pop("samples", 0)
+    active = sum(seen.values())
+    if not samples or not active:
+        return "no active statement seen"
+    shares = ", ".join(f"{what} {n / active:.0%}" for what, n in seen.most_common(4))
+    return f"{active / samples:4.1f} active on average ({samples} samples): {shares}"
+
+
+def _libpq_url(database_url: str) -> str:
+    return re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", database_url)
 
 
 class Api:

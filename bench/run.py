@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,7 +60,7 @@ def main() -> int:
     base = f"{prefix}/api/{args.user}/tasks"
     results = []
 
-    waits: dict[str, Counter[str]] = {}
+    waits: dict[str, WaitSamples] = {}
 
     def measure(
         name: str, method: str, path: str, body: Any = None, ids: Sequence[int] = ()
@@ -100,7 +101,7 @@ def main() -> int:
     if args.database_url:
         print(f"\nthe service's statements in the database ({args.application_name!r} sessions):")
         for name, _ in results:
-            print(f"{name:<10}{describe_waits(waits[name])}")
+            print(f"{name:<10}{waits[name].describe()}")
     return 1 if failed else 0
 
 
@@ -153,11 +154,28 @@ ACTIVE_STATEMENTS = """
 """
 
 
+@dataclass
+class WaitSamples:
+    """How many times `pg_stat_activity` was read, and what the active statements were doing
+    each time, counted: `CPU` or their wait event (`IO:WALSync`, ...)."""
+
+    samples: int = 0
+    doing: Counter[str] = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        """`3.6 active on average (429 samples): LWLock:WALWrite 82%, IO:WALSync 12%, ...`"""
+        active = sum(self.doing.values())
+        if not active:
+            return "no active statement seen"
+        shares = ", ".join(f"{what} {n / active:.0%}" for what, n in self.doing.most_common(4))
+        return f"{active / self.samples:4.1f} active on average ({self.samples} samples): {shares}"
+
+
 @contextmanager
-def sampled_waits(database_url: str | None, application_name: str) -> Iterator[Counter[str]]:
-    """Count, every 10 ms until the block ends, what each active statement of the service's
-    sessions is doing: `CPU` or its wait event. Without a database URL, counts nothing."""
-    seen: Counter[str] = Counter()
+def sampled_waits(database_url: str | None, application_name: str) -> Iterator[WaitSamples]:
+    """Sample, every 10 ms until the block ends, what each active statement of the service's
+    sessions is doing. Without a database URL, samples nothing."""
+    seen = WaitSamples()
     if not database_url:
         yield seen
         return
@@ -171,8 +189,8 @@ def sampled_waits(database_url: str | None, application_name: str) -> Iterator[C
         with connection.cursor() as cursor:
             while not done.wait(WAIT_SAMPLE_SECONDS):
                 cursor.execute(ACTIVE_STATEMENTS, (application_name,))
-                seen["samples"] += 1
-                seen.update(what for (what,) in cursor.fetchall())
+                seen.samples += 1
+                seen.doing.update(what for (what,) in cursor.fetchall())
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -182,16 +200,6 @@ def sampled_waits(database_url: str | None, application_name: str) -> Iterator[C
         done.set()
         sampler.join()
         connection.close()
-
-
-def describe_waits(seen: Counter[str]) -> str:
-    """`busy 7.9 statements at a time: IO:WALSync 41%, CPU 30%, ...` from `sampled_waits`."""
-    samples = seen.pop("samples", 0)
-    active = sum(seen.values())
-    if not samples or not active:
-        return "no active statement seen"
-    shares = ", ".join(f"{what} {n / active:.0%}" for what, n in seen.most_common(4))
-    return f"{active / samples:4.1f} active on average ({samples} samples): {shares}"
 
 
 def _libpq_url(database_url: str) -> str:

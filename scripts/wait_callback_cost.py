@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.platform import db  # noqa: E402 - after the path is set
 from backend.platform.config import Settings  # noqa: E402
+from backend.platform.db.deadline import wait_with_deadline  # noqa: E402
 
 
 def cpu_per_round_trip(engine: Engine, n: int) -> float:
@@ -43,7 +44,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"with the deadline": [], "blocking libpq": []}
     for _ in range(16):
         for label, callback in (
-            ("with the deadline", db._wait_with_deadline),
+            ("with the deadline", wait_with_deadline),
             ("blocking libpq", None),
         ):
             psycopg2.extensions.set_wait_callback(callback)

@@ -1,9 +1,7 @@
-"""The database engine and pool, `Database` (handlers run on the event loop), schema bootstrap."""
+"""`Database`: runs the slices' blocking handlers on the event loop, one session per connection."""
 
 import asyncio
-import functools
 import random
-import select
 import threading
 import time
 from collections import deque
@@ -11,193 +9,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import psycopg2
-import psycopg2.extensions
 import structlog
 from fastapi import Request
-from sqlalchemy import Connection, Engine, event, text
-from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
-from sqlmodel import Session, create_engine
+from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from backend.platform.config import Settings
+from backend.platform.db.deadline import socket_has_data
 
 log = structlog.get_logger("backend.db")
 T = TypeVar("T")
-
-
-def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
-    """A psycopg2 pool sized and timed from settings, safe against connections dropped idle.
-
-    `autocommit=True` is the serving app's engine (`create_app` builds it so). Every handler
-    sends exactly one statement, which PostgreSQL runs atomically on its own; in psycopg2's
-    default mode the same request costs three round trips (BEGIN, the statement, COMMIT).
-    Anything that needs a transaction of several statements (DDL, tests) takes a connection
-    from a transactional engine, or `transactional(connection)`.
-
-    Neon suspends idle computes and a restarted server kills its backends; in both cases the
-    server closes the socket of every idle pooled connection. Rather than a `SELECT 1` on each
-    checkout (pool_pre_ping: a round trip per request), a zero-timeout poll of the socket tells
-    whether the server has hung up or sent its "terminating connection" notice: an idle
-    connection has nothing to read unless it is dead. Such a connection is discarded and the
-    pool hands out another. Connections older than DB_POOL_RECYCLE_SECONDS are replaced too,
-    below the 300 s after which Neon's proxy may drop them.
-
-    No wait on the database is unbounded, even when the network goes silent rather than
-    failing (see `_wait_with_deadline`): opening a connection gets DB_CONNECT_TIMEOUT_SECONDS,
-    any other round trip the statement timeout plus that much again.
-    """
-    psycopg2.extensions.set_wait_callback(_wait_with_deadline)
-    engine = create_engine(
-        settings.sqlalchemy_url,
-        pool_size=settings.DB_POOL_SIZE,
-        max_overflow=settings.DB_MAX_OVERFLOW,
-        pool_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
-        pool_recycle=settings.DB_POOL_RECYCLE_SECONDS,
-        pool_pre_ping=False,
-        # In autocommit no connection comes back inside a transaction, so the rollback SQLAlchemy
-        # would run on every return has nothing to undo.
-        pool_reset_on_return=None if autocommit else "rollback",
-        isolation_level="AUTOCOMMIT" if autocommit else None,
-        connect_args={
-            "connection_factory": _connection_class(
-                connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS,
-                network_timeout=settings.DB_STATEMENT_TIMEOUT_MS / 1000
-                + settings.DB_CONNECT_TIMEOUT_SECONDS,
-            ),
-            "connect_timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
-            "application_name": "todo-api",
-            # Dead peers are noticed by TCP within seconds instead of the kernel's two hours.
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
-        },
-    )
-    session_setup = (
-        f"SET statement_timeout = {int(settings.DB_STATEMENT_TIMEOUT_MS)}; "
-        "SET idle_in_transaction_session_timeout = 60000; SET TIME ZONE 'UTC'"
-    )
-
-    @event.listens_for(engine, "do_connect")
-    def _connect_off_the_event_loop(
-        dialect: Any, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
-    ) -> Any:
-        if not in_greenlet():
-            return None  # SQLAlchemy connects as usual, in this thread
-        # Inside `Database.run`, on the event loop: libpq resolves the host name with a
-        # blocking getaddrinfo() before any of its non-blocking steps, and a slow resolver
-        # (a cold Neon host name, say) would hold every request. So the whole connect runs in
-        # a worker thread, under the same connect deadline; new connections are rare.
-        loop = asyncio.get_running_loop()
-        connect = functools.partial(dialect.loaded_dbapi.connect, *cargs, **cparams)
-        return await_(loop.run_in_executor(None, connect))
-
-    @event.listens_for(engine, "connect")
-    def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
-        # One round trip per new connection; SET (not startup `options`) because Neon's
-        # pooler refuses startup options.
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(session_setup)
-        dbapi_connection.commit()
-        _record.info["just_opened"] = True
-        _record.info["opened_at"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _discard_if_hung_up(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        if record.info.pop("just_opened", False):
-            # Opened this instant (possibly as the replacement for a dead one): its first
-            # statement will tell. Discarding it too would exhaust SQLAlchemy's one retry per
-            # checkout and turn a dead database into InvalidRequestError, a 500.
-            return
-        if dbapi_connection.closed or _socket_has_data(dbapi_connection.fileno()):
-            log.info("db.connection_discarded", reason="closed by server while idle")
-            raise DisconnectionError("connection closed by the server while idle")
-
-    return engine
-
-
-def _connection_class(*, connect_timeout: float, network_timeout: float) -> type:
-    """A psycopg2 connection class carrying this engine's deadlines for the wait callback."""
-    return type(
-        "DeadlineConnection",
-        (psycopg2.extensions.connection,),
-        {"connect_timeout": connect_timeout, "network_timeout": network_timeout},
-    )
-
-
-def _wait_with_deadline(connection: Any) -> None:
-    """psycopg2's wait callback: wait for the socket as libpq would, but never forever.
-
-    A dropped or refused connection fails by itself, and the server's statement_timeout ends a
-    slow query; but when the network goes silent (a stalled proxy, a half-open connection, a
-    black-holed route) libpq would wait on the socket indefinitely, and the request and its pool
-    connection with it. Keepalives and tcp_user_timeout cannot see that case when something in
-    between still acknowledges the bytes. So every wait gets a deadline; past it psycopg2 closes
-    the connection, and the error reaches the client as a 503. The cost is a poll() and two
-    conn.poll() calls in Python per round trip: about 5 us of CPU (see the README).
-    libpq ignores connect_timeout in this mode, so the deadline enforces it too.
-    """
-    connecting = connection.status == psycopg2.extensions.STATUS_SETUP
-    timeout = getattr(connection, "connect_timeout" if connecting else "network_timeout", None)
-    if in_greenlet():
-        _wait_on_event_loop(connection, connecting, timeout)
-        return
-    deadline = None if timeout is None else time.monotonic() + timeout
-    poller, registered = select.poll(), -1
-    while True:
-        state = connection.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        fd = connection.fileno()  # may change while connecting (one socket per address tried)
-        if fd != registered:
-            poller, registered = select.poll(), fd
-        poller.register(
-            fd, select.POLLIN if state == psycopg2.extensions.POLL_READ else select.POLLOUT
-        )
-        remaining_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-        if not poller.poll(remaining_ms):
-            raise _timed_out(timeout, connecting)
-
-
-def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None) -> None:
-    """The wait callback's path inside `Database.run`: the greenlet yields to the event loop
-    until the socket is ready, so other requests run meanwhile; same deadline as in a thread."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
-    while True:
-        state = connection.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        fd = connection.fileno()
-        ready: asyncio.Future[bool] = loop.create_future()
-        if state == psycopg2.extensions.POLL_READ:
-            loop.add_reader(fd, _settle, ready, True)
-            remove = loop.remove_reader
-        else:
-            loop.add_writer(fd, _settle, ready, True)
-            remove = loop.remove_writer
-        timer = None if deadline is None else loop.call_at(deadline, _settle, ready, False)
-        try:
-            answered = await_(ready)
-        finally:
-            remove(fd)
-            if timer is not None:
-                timer.cancel()
-        if not answered:
-            raise _timed_out(timeout, connecting)
-
-
-def _timed_out(timeout: float | None, connecting: bool) -> psycopg2.OperationalError:
-    what = "connecting to" if connecting else "an answer from"
-    return psycopg2.OperationalError(f"timed out after {timeout} s waiting for {what} the database")
-
-
-def _settle(future: "asyncio.Future[bool]", value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 class Database:
@@ -439,7 +264,7 @@ class _Slot:
             return "broken by an earlier error"
         if time.monotonic() >= self.expires_at:
             return "older than DB_POOL_RECYCLE_SECONDS"
-        if _socket_has_data(self.dbapi_connection.fileno()):
+        if socket_has_data(self.dbapi_connection.fileno()):
             return "closed by server while idle"
         return None
 
@@ -468,64 +293,3 @@ def database_of(request: Request) -> Database:
     passes the request for free, while each dependency it resolves costs about 5% of the CPU
     of a request (measured on `get`: 1.731 M -> 1.644 M instructions without one)."""
     return request.app.state.database  # type: ignore[no-any-return]
-
-
-def _socket_has_data(fd: int) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
-
-
-def quote_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def transactional(connection: Connection) -> Connection:
-    """The connection in PostgreSQL's default transaction mode, whatever its engine's."""
-    return connection.execution_options(isolation_level="READ COMMITTED")
-
-
-def run_ddl(engine: Engine, statements: list[str]) -> None:
-    """Run DDL idempotently, serialised across workers by an advisory lock."""
-    with transactional(engine.connect()) as connection, connection.begin():
-        connection.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-        for statement in statements:
-            connection.execute(text(statement))
-
-
-def wait_for_database(
-    engine: Engine, *, timeout: float, then: Callable[[Engine], None] | None = None
-) -> None:
-    """Retry until the database answers (compose and Neon cold starts), then run `then`."""
-    deadline = time.monotonic() + timeout
-    delay = 0.25
-    while True:
-        try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            if then is not None:
-                then(engine)
-            return
-        except OperationalError as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("db.unavailable_at_startup", error=str(exc.orig).strip(), retry_in=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-def close_pool(engine: Engine) -> None:
-    """At shutdown, once the last in-flight request has finished: close every connection, so
-    the server is not left holding backends until its timeouts reap them."""
-    status = engine.pool.status()
-    engine.dispose()
-    log.info("db.pool_closed", pool=status)
-
-
-def database_answers(session: Session) -> bool:
-    try:
-        session.connection().execute(text("SELECT 1"))
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"; it is logged
-        log.warning("db.health_check_failed", error=type(exc).__name__)
-        return False

@@ -1,0 +1,30 @@
+"""The database room, one concern a file.
+
+- `engine`: the engine and pool, and the connection hygiene that keeps pooled connections fit;
+- `deadline`: psycopg2's wait callback, so that no wait on the database is unbounded;
+- `runner`: `Database`, which runs the slices' handlers on the event loop and ends their unit
+  of work;
+- `schema`: bringing the schema up at start-up.
+"""
+
+from backend.platform.db.engine import (
+    build_engine,
+    close_pool,
+    database_answers,
+    quote_identifier,
+    transactional,
+)
+from backend.platform.db.runner import Database, database_of
+from backend.platform.db.schema import run_ddl, wait_for_database
+
+__all__ = [
+    "Database",
+    "build_engine",
+    "close_pool",
+    "database_answers",
+    "database_of",
+    "quote_identifier",
+    "run_ddl",
+    "transactional",
+    "wait_for_database",
+]

@@ -487,7 +487,8 @@ def test_compose_file_describes_db_and_api():
     assert api["env_file"] == ".env" and db["env_file"] == ".env"
     assert "@db:5432/" in api["environment"]["DATABASE_URL"]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "backend.main:app" in dockerfile and "pip install ." in dockerfile
+    assert "backend.main:app" in dockerfile
+    assert "COPY pyproject.toml uv.lock" in dockerfile and "uv sync --frozen" in dockerfile
 
 
 # --- the pool -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The service's throughput as a ratio of the frameworkless baseline's (bench/baseline_app.py).
 
-    .venv/bin/uv sync --frozen --inexact --extra dev --extra bench   # asyncpg, once
+    .venv/bin/uv sync --frozen --extra dev --extra bench   # asyncpg, once
     .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
@@ -57,7 +57,7 @@ def main() -> int:
         import asyncpg  # noqa: F401 - the baseline's driver, checked before anything starts
     except ImportError:
         sys.stderr.write(
-            "asyncpg is missing: .venv/bin/uv sync --frozen --inexact --extra dev --extra bench\n"
+            "asyncpg is missing: .venv/bin/uv sync --frozen --extra dev --extra bench\n"
         )
         return 2
     secret = secrets.token_urlsafe(48)

@@ -15,9 +15,9 @@ fi
 stamp=".venv/.installed-$(cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   echo "Installing the project and its dev tools into .venv from uv.lock (first run takes a minute)..."
-  # --frozen: exactly the lock, never re-resolved here (CI checks that it matches pyproject.toml);
-  # --inexact: leave uv (and pip) in the venv.
-  UV_PYTHON_DOWNLOADS=never .venv/bin/uv sync -q --frozen --inexact --extra dev --python .venv/bin/python
+  # --frozen: the lock as it is, never re-resolved here (CI checks it matches pyproject.toml).
+  # Exact: a package the lock does not list is removed (uv and pip stay).
+  UV_PYTHON_DOWNLOADS=never .venv/bin/uv sync -q --frozen --extra dev --python .venv/bin/python
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -6,7 +6,7 @@ set -e
 . "$(dirname "$0")/bootstrap.sh"
 if [ $# -eq 0 ]; then set -- --upgrade; fi
 .venv/bin/uv lock "$@"
-UV_PYTHON_DOWNLOADS=never .venv/bin/uv sync -q --frozen --inexact --extra dev --python .venv/bin/python
+UV_PYTHON_DOWNLOADS=never .venv/bin/uv sync -q --frozen --extra dev --python .venv/bin/python
 rm -f .venv/.installed-*
 touch ".venv/.installed-$(cat pyproject.toml uv.lock | cksum | cut -d' ' -f1)"
 git --no-pager diff --stat -- uv.lock 2>/dev/null || true

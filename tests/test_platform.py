@@ -509,7 +509,7 @@ def test_pool_is_sized_and_timed_from_settings(database_url):
     try:
         assert engine.pool.size() == 3
         assert engine.pool._max_overflow == 2
-        assert engine.pool._timeout == 1.5
+        assert engine.pool.timeout() == 1.5
         assert engine.pool._recycle == 120
         with engine.connect() as connection:
             assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"

@@ -1,12 +1,17 @@
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# The versions uv.lock pins, installed by the uv that scripts/bootstrap.sh pins.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1 UV_NO_CACHE=1 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv PATH=/app/.venv/bin:$PATH
 WORKDIR /app
-RUN useradd --create-home --uid 10001 app
+RUN useradd --create-home --uid 10001 app && pip install "uv==0.13.9"
 
-COPY pyproject.toml README.md ./
+# Dependencies first, in a layer of their own that a code change does not rebuild.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --frozen --no-install-project --no-editable
 COPY backend ./backend
-RUN pip install .
+RUN uv sync --frozen --no-editable
 
 USER app
 EXPOSE 8000

@@ -1,21 +1,26 @@
 """Development server: the API on an embedded PostgreSQL, a dev secret and a demo user.
 
 `python -m backend.dev` (what `./scripts/dev.sh` runs). Data lives in `.pgdata/dev` across
-restarts. Set DATABASE_URL to use your own PostgreSQL instead of the embedded one.
+restarts (DEV_DATA_DIR moves `.pgdata`). Set DATABASE_URL to use your own PostgreSQL instead of
+the embedded one. Stopping it (Ctrl-C, SIGTERM) stops the embedded PostgreSQL cleanly too.
 """
 
+import json
 import logging
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import jwt
 import uvicorn
 from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / ".pgdata"
+DATA = Path(os.environ.get("DEV_DATA_DIR") or ROOT / ".pgdata")
 DEMO_USER = "demo-user"
 
 
@@ -28,14 +33,54 @@ def _dev_secret() -> str:
     return path.read_text().strip()
 
 
-def main() -> None:
-    DATA.mkdir(exist_ok=True)
-    if not os.environ.get("DATABASE_URL"):
-        import pgserver
+def _stop_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
-        logging.getLogger("pgserver").setLevel(logging.WARNING)
-        server = pgserver.get_server(DATA / "dev", cleanup_mode="stop")
-        os.environ["DATABASE_URL"] = server.get_uri()
+
+def _start_embedded_postgres() -> Any:
+    import pgserver
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    pgdata = DATA / "dev"
+    # pgserver stops the server when the last process that started it lets go, by the list of
+    # process ids it keeps in the data directory. A process that died without letting go (a
+    # kill -9) stays listed and would keep the server running forever: only live ones are kept.
+    handles = pgdata / ".handle_pids.json"
+    if handles.exists():
+        live = [pid for pid in json.loads(handles.read_text() or "[]") if _running(pid)]
+        handles.write_text(json.dumps(live))
+    return pgserver.get_server(pgdata, cleanup_mode="stop")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's, but alive
+    return True
+
+
+def main() -> None:
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown while it serves, then raises the
+    # signal again once done. Python's default for SIGTERM ends the process on the spot, which
+    # would skip the `finally` below and leave the embedded PostgreSQL running; as SystemExit it
+    # unwinds like Ctrl-C's KeyboardInterrupt does.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    DATA.mkdir(parents=True, exist_ok=True)
+    embedded = None
+    try:
+        if not os.environ.get("DATABASE_URL"):
+            embedded = _start_embedded_postgres()
+            os.environ["DATABASE_URL"] = embedded.get_uri()
+        _serve()
+    finally:
+        if embedded is not None:
+            embedded.cleanup()  # pg_ctl stop: a clean shutdown, ready for the next start
+
+
+def _serve() -> None:
     os.environ.setdefault("BETTER_AUTH_SECRET", _dev_secret())
     os.environ.setdefault("LOG_FORMAT", "console")
     host = os.environ.get("HOST", "127.0.0.1")
@@ -78,4 +123,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: stopped as asked, PostgreSQL included

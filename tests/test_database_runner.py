@@ -17,11 +17,11 @@ import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.util import await_
 from sqlmodel import Session, select
 
 from backend.features.task_model import Task
 from backend.platform.db import Database, build_engine
+from backend.platform.db.greenlet_bridge import await_from_greenlet
 from backend.platform.logging import configure_logging
 
 
@@ -46,7 +46,7 @@ def sleep_in_database(session: Session, *, seconds: float) -> float:
 
 def pause_on_the_loop(session: Session, *, seconds: float) -> str:
     """A handler that holds its session while the event loop runs other work."""
-    await_(asyncio.sleep(seconds))
+    await_from_greenlet(asyncio.sleep(seconds))
     return "done"
 
 
@@ -165,7 +165,7 @@ def test_never_more_sessions_than_the_pool_has_connections(serving_engine):
     def observe(session: Session) -> None:
         session.connection().execute(text("SELECT 1"))
         most.append(serving_engine.pool.checkedout())  # type: ignore[attr-defined]
-        await_(asyncio.sleep(0.05))
+        await_from_greenlet(asyncio.sleep(0.05))
 
     async def scenario():
         await asyncio.gather(*(db.run(observe) for _ in range(6)))
@@ -428,7 +428,7 @@ def test_a_connection_not_opened_at_start_up_is_opened_on_demand(serving_engine,
     assert db.open_connections(2) == 1
 
     def pid_after_a_pause(session: Session) -> int:
-        await_(asyncio.sleep(0.05))
+        await_from_greenlet(asyncio.sleep(0.05))
         return backend_pid(session)
 
     async def scenario():

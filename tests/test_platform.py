@@ -487,7 +487,8 @@ def test_compose_file_describes_db_and_api():
     assert api["env_file"] == ".env" and db["env_file"] == ".env"
     assert "@db:5432/" in api["environment"]["DATABASE_URL"]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "backend.main:app" in dockerfile and "pip install ." in dockerfile
+    assert "backend.main:app" in dockerfile
+    assert "COPY pyproject.toml uv.lock" in dockerfile and "uv sync --frozen" in dockerfile
 
 
 # --- the pool -----------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ def test_pool_is_sized_and_timed_from_settings(database_url):
     try:
         assert engine.pool.size() == 3
         assert engine.pool._max_overflow == 2
-        assert engine.pool._timeout == 1.5
+        assert engine.pool.timeout() == 1.5
         assert engine.pool._recycle == 120
         with engine.connect() as connection:
             assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"

@@ -7,7 +7,8 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-from sqlalchemy.util.concurrency import await_, in_greenlet
+
+from backend.platform.db.greenlet_bridge import await_from_greenlet, in_greenlet
 
 
 def wait_with_deadline(connection: Any) -> None:
@@ -63,7 +64,7 @@ def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None
             remove = loop.remove_writer
         timer = None if deadline is None else loop.call_at(deadline, _settle, ready, False)
         try:
-            answered = await_(ready)
+            answered = await_from_greenlet(ready)
         finally:
             remove(fd)
             if timer is not None:

@@ -10,11 +10,11 @@ import psycopg2.extensions
 import structlog
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.util.concurrency import await_, in_greenlet
 from sqlmodel import Session, create_engine
 
 from backend.platform.config import Settings
 from backend.platform.db.deadline import socket_has_data, wait_with_deadline
+from backend.platform.db.greenlet_bridge import await_from_greenlet, in_greenlet
 
 log = structlog.get_logger("backend.db")
 
@@ -84,7 +84,7 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         # a worker thread, under the same connect deadline; new connections are rare.
         loop = asyncio.get_running_loop()
         connect = functools.partial(dialect.loaded_dbapi.connect, *cargs, **cparams)
-        return await_(loop.run_in_executor(None, connect))
+        return await_from_greenlet(loop.run_in_executor(None, connect))
 
     @event.listens_for(engine, "connect")
     def _configure_connection(dbapi_connection: Any, _record: Any) -> None:

@@ -14,12 +14,12 @@ from fastapi import Request
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.util.concurrency import greenlet_spawn
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from backend.platform.config import Settings
 from backend.platform.db.deadline import socket_has_data
+from backend.platform.db.greenlet_bridge import run_in_greenlet
 
 log = structlog.get_logger("backend.db")
 T = TypeVar("T")
@@ -28,8 +28,8 @@ T = TypeVar("T")
 class Database:
     """Runs the slices' blocking handlers, `handler(session, **kwargs)`, on the event loop.
 
-    Each handler runs in a greenlet (SQLAlchemy's own bridge between sync code and asyncio).
-    psycopg2's wait callback sees that and, instead of blocking, hands control back to the
+    Each handler runs in a greenlet (`greenlet_bridge`: the mechanism of SQLAlchemy's asyncio
+    layer). psycopg2's wait callback sees that and, instead of blocking, hands control back to the
     event loop until the socket is ready; other requests run meanwhile. So a request costs no
     thread-pool hop and no GIL hand-off, and the handlers stay plain SQLAlchemy `Session` code.
 
@@ -97,7 +97,7 @@ class Database:
             await run_in_threadpool(self._make_first_connection)
         slot = await self._checkout()
         try:
-            return await greenlet_spawn(self._call, slot, handler, kwargs)  # type: ignore[no-any-return]
+            return await run_in_greenlet(self._call, slot, handler, kwargs)
         finally:
             self._checkin(slot)
 

@@ -1,0 +1,259 @@
+"""The service's throughput as a ratio of the frameworkless baseline's (bench/baseline_app.py).
+
+    .venv/bin/uv sync --frozen --extra dev --extra bench   # asyncpg, once
+    .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+
+It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
+server), starts the service (`uvicorn backend.main:app`) and the baseline on it, one uvicorn
+worker each (--workers), seeds users and tasks straight into the tables, then for each
+operation runs wrk (bench/wrk.lua, as bench/run.py does) against the service and the baseline
+in turn, --rounds times, and prints requests per second, p99 and the ratio of the two sums.
+Alternating keeps a machine whose speed drifts from favouring either. At the end both servers
+stop and the database is dropped. Exit status 1 on any error or non-2xx answer.
+
+The data: 20 tasks for the user whose list and get are measured; 2,000 for the one whose tasks
+update and toggle rotate over (as many users editing their own tasks would); a disjoint slice
+of ids per delete run; creates go to a user of their own. Needs `wrk` (apt-get install wrk).
+"""
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.error import URLError
+from urllib.request import urlopen
+
+import jwt
+import psycopg2
+from run import CREATE_BODY, LIST_SIZE, UPDATE_BODY, run_wrk
+from sqlalchemy.engine import make_url
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OPERATIONS = ("list", "get", "create", "update", "toggle", "delete")
+USERS = {"list": "lister", "get": "lister", "create": "creator", "update": "editor"}
+USERS |= {"toggle": "editor", "delete": "deleter"}
+EDITED_TASKS = 2000
+DELETES_PER_SECOND = 8000  # more than either server deletes: a run never runs out of ids
+
+
+def main() -> int:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        sys.stderr.write("wrk is not installed (apt-get install wrk, brew install wrk)\n")
+        return 2
+    try:
+        import asyncpg  # noqa: F401 - the baseline's driver, checked before anything starts
+    except ImportError:
+        sys.stderr.write(
+            "asyncpg is missing: .venv/bin/uv sync --frozen --extra dev --extra bench\n"
+        )
+        return 2
+    secret = secrets.token_urlsafe(48)
+    with fresh_database(args.database_url) as database_url:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": secret,
+            "LOG_LEVEL": "WARNING",  # a line per request would measure the log
+            "LOG_FORMAT": "json",
+        }
+        with (
+            server(["backend.main:app"], env, args.workers, "service") as service_url,
+            server(
+                ["--app-dir", str(HERE), "baseline_app:app"], env, args.workers, "baseline"
+            ) as baseline_url,
+        ):
+            ids = seed(database_url, args)
+            tokens = {user: sign(user, secret) for user in set(USERS.values())}
+            failed = False
+            print(
+                f"{'operation':<10}{'service':>10}{'baseline':>10}{'ratio':>8}"
+                f"   p99 ms service / baseline (each round)"
+            )
+            next_delete = 0
+            for op in args.ops:
+                totals = {"service": 0.0, "baseline": 0.0}
+                p99s: dict[str, list[str]] = {"service": [], "baseline": []}
+                for _ in range(args.rounds):
+                    for name, url in (("service", service_url), ("baseline", baseline_url)):
+                        op_ids: Sequence[int] = ids.get(op, ())
+                        if op == "delete":
+                            size = args.duration * DELETES_PER_SECOND
+                            op_ids = ids["delete"][next_delete : next_delete + size]
+                            next_delete += size
+                        result = drive(args, url, op, tokens[USERS[op]], op_ids)
+                        totals[name] += result["rps"]
+                        p99s[name].append(f"{result['p99_ms']:.0f}")
+                        failed = failed or result["non2xx"] > 0 or result["errors"] > 0
+                        if result["non2xx"] or result["errors"]:
+                            print(f"  {op} on the {name}: {result}", file=sys.stderr)
+                ratio = totals["service"] / totals["baseline"]
+                print(
+                    f"{op:<10}{totals['service'] / args.rounds:>10.0f}"
+                    f"{totals['baseline'] / args.rounds:>10.0f}{ratio:>8.2f}"
+                    f"   {' '.join(p99s['service'])} / {' '.join(p99s['baseline'])}"
+                )
+            print(
+                f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds per "
+                f"operation alternating, {args.workers} uvicorn worker(s) each; req/s averaged"
+            )
+    return 1 if failed else 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="a PostgreSQL where this user may create databases",
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server")
+    parser.add_argument(
+        "--ops", type=lambda s: s.split(","), default=list(OPERATIONS), help="list,get,..."
+    )
+    args = parser.parse_args()
+    args.threads = 1  # what run_wrk reads
+    return args
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    server = make_url(server_url.replace("postgres://", "postgresql://", 1))
+    name = f"todo_compare_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(libpq(server.render_as_string(hide_password=False)))
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def server(app: list[str], env: dict[str, str], workers: int, name: str) -> Iterator[str]:
+    """`uvicorn <app>` on a free port until the block ends; yields its base URL."""
+    port = free_port()
+    log = tempfile.TemporaryFile()  # a pipe nobody reads would block the server
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
+        [sys.executable, "-m", "uvicorn", *app, "--port", str(port), "--no-access-log"]
+        + ["--log-level", "warning", "--workers", str(workers)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - our URL
+                    if response.status == 200:
+                        break
+            except (URLError, ConnectionError):
+                pass  # not listening yet
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise SystemExit(f"the {name} did not start:\n{log.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seed(database_url: str, args: argparse.Namespace) -> dict[str, list[int]]:
+    """Users and tasks straight into the tables the service created; returns the ids each
+    operation works on."""
+    deletes = 2 * args.rounds * args.duration * DELETES_PER_SECOND
+    with psycopg2.connect(libpq(database_url)) as connection, connection.cursor() as cursor:
+        for user in set(USERS.values()):
+            cursor.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s)',
+                (user, user, f"{user}@bench.invalid"),
+            )
+
+        def tasks(user: str, count: int, title: str) -> list[int]:
+            cursor.execute(
+                "INSERT INTO tasks (user_id, title, description, completed) "
+                "SELECT %s, %s || g, 'some words here', g %% 3 = 0 "
+                "FROM generate_series(1, %s) g RETURNING id",
+                (user, title, count),
+            )
+            return sorted(row[0] for row in cursor.fetchall())
+
+        listed = tasks("lister", LIST_SIZE, "task ")
+        edited = tasks("editor", EDITED_TASKS, "edited ")
+        doomed = tasks("deleter", deletes, "doomed ")
+    connection.close()
+    connection = psycopg2.connect(libpq(database_url))
+    connection.autocommit = True  # VACUUM runs outside a transaction
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE tasks")
+        cursor.execute("CHECKPOINT")
+    connection.close()
+    return {"get": listed[:1], "update": edited, "toggle": edited, "delete": doomed}
+
+
+def sign(user: str, secret: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": user, "iat": now, "exp": now + 86400}, secret, algorithm="HS256")
+
+
+def drive(
+    args: argparse.Namespace, url: str, op: str, token: str, ids: Sequence[int]
+) -> dict[str, float]:
+    user = USERS[op]
+    base = f"/api/{user}/tasks"
+    method, path, body = {
+        "list": ("GET", base, None),
+        "get": ("GET", base + "/{id}", None),
+        "create": ("POST", base, CREATE_BODY),
+        "update": ("PUT", base + "/{id}", UPDATE_BODY),
+        "toggle": ("PATCH", base + "/{id}/complete", None),
+        "delete": ("DELETE", base + "/{id}", None),
+    }[op]
+    run_args = argparse.Namespace(**{**vars(args), "url": url})
+    with tempfile.NamedTemporaryFile("w", prefix="todo-compare-", suffix=".ids") as ids_file:
+        ids_file.write("".join(f"{i}\n" for i in ids))
+        ids_file.flush()
+        result: Any = run_wrk(run_args, token, method, path, body, ids_file.name)
+    return result  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ from typing import NoReturn
 from fastapi import APIRouter, FastAPI
 from pydantic import ValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
@@ -41,12 +42,19 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        wait = settings.DB_STARTUP_WAIT_SECONDS
         try:
             # The schema first (on DATABASE_URL_UNPOOLED when set), then the serving pool.
             await run_in_threadpool(prepare_schema, settings)
+            await run_in_threadpool(wait_for_database, engine, timeout=wait)
         except StartupRefused as exc:
             _refuse_to_start(f"Refusing to start: {exc}\n")
-        await run_in_threadpool(wait_for_database, engine, timeout=settings.DB_STARTUP_WAIT_SECONDS)
+        except OperationalError as exc:
+            error = str(exc.orig).strip().splitlines()[0]
+            _refuse_to_start(
+                f"Refusing to start: the database (DATABASE_URL) did not answer within "
+                f"{wait:g} s: {error}\n"
+            )
         await run_in_threadpool(app.state.database.open_connections, settings.DB_POOL_SIZE)
         # Everything built so far (modules, the app, pydantic's validators) lives as long as
         # the process. Left in the collector, each full collection walks all of it: about

@@ -283,14 +283,29 @@ def test_a_failing_migration_is_a_clear_refusal_and_changes_nothing(database_url
 
 
 @pytest.mark.parametrize("setting", ["DATABASE_URL_UNPOOLED", "DATABASE_URL"])
-def test_an_unreachable_migration_database_is_a_clear_refusal(setting: str) -> None:
+def test_an_unreachable_migration_database_is_a_clear_refusal(
+    setting: str, database_url: str
+) -> None:
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/todo"
-    env = service_env("postgresql://postgres@127.0.0.1:5432/postgres", DB_STARTUP_WAIT_SECONDS="1")
+    env = service_env(database_url, DB_STARTUP_WAIT_SECONDS="1")
     env[setting] = unreachable
     code, output = _refusal(env)
     assert code == 2
     assert (
         "Refusing to start: the database to migrate with (DATABASE_URL_UNPOOLED, else "
         "DATABASE_URL) did not answer within 1 s: Connection refused\n"
+    ) in output
+    assert "Traceback" not in output
+
+
+def test_an_unreachable_serving_database_is_a_clear_refusal(database_url: str) -> None:
+    """Migrations on a reachable direct URL, requests on a pooled one that does not answer."""
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/todo"
+    env = service_env(unreachable, DATABASE_URL_UNPOOLED=database_url, DB_STARTUP_WAIT_SECONDS="1")
+    code, output = _refusal(env)
+    assert code == 2
+    assert (
+        "Refusing to start: the database (DATABASE_URL) did not answer within 1 s: "
+        "Connection refused\n"
     ) in output
     assert "Traceback" not in output

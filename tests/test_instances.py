@@ -53,7 +53,8 @@ def test_instances_started_together_on_an_empty_database_all_serve(
     instance_urls: tuple[str, str],
 ) -> None:
     served, direct = instance_urls
-    env = service_env(served, DB_POOL_SIZE="2")
+    # One serving connection each: the server's connection slots are shared with other tests.
+    env = service_env(served, DB_POOL_SIZE="1")
     engine = create_engine(direct.replace("postgresql://", "postgresql+psycopg2://", 1))
     gate = engine.connect()
     gate.execute(text('CREATE TABLE "user" (id text PRIMARY KEY)'))  # held: not committed

@@ -253,6 +253,17 @@ def test_the_command_line_migrates_without_the_token_secret(database_url: str) -
         assert f"Running upgrade  -> {FIRST_REVISION}" in upgrade.stderr
 
 
+def test_the_command_line_refuses_an_unreachable_database_in_one_line() -> None:
+    env = service_env(f"postgresql://postgres@127.0.0.1:{free_port()}/todo")
+    result = alembic(env, "current")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Refusing to migrate: the database (DATABASE_URL_UNPOOLED, else DATABASE_URL) did not "
+        'answer: connection to server at "127.0.0.1", port '
+        f"{env['DATABASE_URL'].split(':')[-1].split('/')[0]} failed: Connection refused\n"
+    )
+
+
 # --- failures are refusals, not tracebacks or hangs ---------------------------------------------
 
 

@@ -8,7 +8,6 @@ endpoint when DATABASE_URL_UNPOOLED is set, else DATABASE_URL, which works throu
 transaction-mode pooler too (see migrations/env.py).
 """
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,13 +20,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from pydantic import ValidationError
-from sqlalchemy import Connection, MetaData, create_engine, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from backend.platform.config import MIN_SECRET_LENGTH, Settings
 from backend.platform.db.engine import _connection_class
+from backend.platform.db.schema import wait_for_database
 
 log = structlog.get_logger("backend.db")
 
@@ -77,7 +77,14 @@ def prepare_schema(settings: Settings) -> None:
     """At start-up: the schema at head, or `StartupRefused` saying what to do."""
     engine = migration_engine(settings)
     try:
-        _wait_until_answering(engine.connect, timeout=settings.DB_STARTUP_WAIT_SECONDS)
+        try:
+            wait_for_database(engine, timeout=settings.DB_STARTUP_WAIT_SECONDS)
+        except OperationalError as exc:
+            raise StartupRefused(
+                "the database to migrate with (DATABASE_URL_UNPOOLED, else DATABASE_URL) did "
+                f"not answer within {settings.DB_STARTUP_WAIT_SECONDS:g} s: "
+                f"{_first_line(exc.orig)}"
+            ) from None
         with engine.connect() as connection:
             if settings.DB_MIGRATE_ON_START:
                 _upgrade_or_refuse(connection, settings)
@@ -118,7 +125,7 @@ def _refuse_unless_at_head(connection: Connection) -> None:
     )
 
 
-def migration_engine(settings: Settings) -> Any:
+def migration_engine(settings: Settings) -> Engine:
     """A one-connection-at-a-time engine on the migration URL. Not the serving engine: nothing
     is pooled, and nothing but the transaction is set on its connection."""
     return create_engine(
@@ -141,26 +148,6 @@ def migration_engine(settings: Settings) -> Any:
     )
 
 
-def _wait_until_answering(connect: Callable[[], Connection], *, timeout: float) -> None:
-    """Retry until the migration database answers (compose and Neon cold starts)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.25
-    while True:
-        try:
-            with connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return
-        except OperationalError as exc:
-            if time.monotonic() >= deadline:
-                raise StartupRefused(
-                    f"the database to migrate with (DATABASE_URL_UNPOOLED, else DATABASE_URL) "
-                    f"did not answer within {timeout:g} s: {_first_line(exc.orig)}"
-                ) from None
-            log.warning("db.unavailable_at_startup", error=_first_line(exc.orig), retry_in=delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 def _first_line(error: BaseException | None) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
@@ -173,11 +160,9 @@ def settings_for_migrations() -> Settings:
     """The service's settings from the environment, for the `alembic` command line.
 
     Migrations never verify a token, so the operator's shell need not hold the token secret:
-    a stand-in satisfies its check. Any other unsafe setting is refused as at start-up."""
+    a stand-in takes its place. Any other unsafe setting is refused as at start-up."""
     try:
-        return Settings(
-            BETTER_AUTH_SECRET=os.environ.get("BETTER_AUTH_SECRET") or "m" * MIN_SECRET_LENGTH
-        )
+        return Settings(BETTER_AUTH_SECRET="m" * MIN_SECRET_LENGTH)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise SystemExit(f"Refusing to migrate: {problems}") from None
@@ -185,9 +170,17 @@ def settings_for_migrations() -> Settings:
 
 @contextmanager
 def connect_for_migrations(settings: Settings) -> Iterator[Connection]:
+    """The command line's connection; one that cannot be opened is one line, not a traceback."""
     engine = migration_engine(settings)
     try:
-        with engine.connect() as connection:
+        try:
+            connection = engine.connect()
+        except OperationalError as exc:
+            raise SystemExit(
+                "Refusing to migrate: the database (DATABASE_URL_UNPOOLED, else DATABASE_URL) "
+                f"did not answer: {_first_line(exc.orig)}"
+            ) from None
+        with connection:
             yield connection
     finally:
         engine.dispose()

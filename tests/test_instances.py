@@ -43,7 +43,9 @@ START_TIMEOUT = 120
 @pytest.fixture(params=["direct"])
 def instance_urls(request: pytest.FixtureRequest, database_url: str) -> Iterator[tuple[str, str]]:
     """(the DATABASE_URL the instances get, a direct URL to inspect the result with), for a new
-    empty database."""
+    empty database. A pooled parameter yields the pooler's URL for the same database as the
+    first (and no DATABASE_URL_UNPOOLED, so that the migration itself goes through the pooler,
+    whose pool must then hold the seven migrating connections at once)."""
     with empty_database(database_url) as direct:
         if request.param == "direct":
             yield direct, direct

@@ -12,6 +12,7 @@ upgraded, its rows untouched.
 from logging.config import fileConfig
 
 from alembic import context
+from sqlalchemy import Connection
 
 from backend.platform.db.migrate import (
     MIGRATION_LOCK,
@@ -54,7 +55,7 @@ def run_migrations_online() -> None:
         migrate(given)
 
 
-def migrate(connection) -> None:  # type: ignore[no-untyped-def]
+def migrate(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata(),

@@ -10,6 +10,7 @@ RUN useradd --create-home --uid 10001 app && pip install "uv==0.13.9"
 # Dependencies first, in a layer of their own that a code change does not rebuild.
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-install-project --no-editable
+COPY alembic.ini ./
 COPY backend ./backend
 RUN uv sync --frozen --no-editable
 

@@ -22,10 +22,10 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from backend.features.task_model import schema_ddl
 from backend.main import create_app
 from backend.platform.config import Settings
-from backend.platform.db import build_engine, run_ddl
+from backend.platform.db import build_engine, transactional
+from backend.platform.db.migrate import upgrade_to_head
 from tests.factories import TaskFactory, UserFactory, bind_factories
 from tests.in_test_transaction import serve_in_session, stop_serving_in_session
 from tests.live_server import serve
@@ -78,7 +78,8 @@ def settings(database_url: str) -> Settings:
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     engine = build_engine(settings)
-    run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))
+    with transactional(engine.connect()) as connection:
+        upgrade_to_head(connection, auth_user_table=settings.AUTH_USER_TABLE)
     yield engine
     engine.dispose()
 

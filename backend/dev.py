@@ -86,14 +86,17 @@ def _serve() -> None:
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8000"))
 
-    from backend.features.task_model import schema_ddl
     from backend.main import create_app
     from backend.platform.config import get_settings
-    from backend.platform.db import build_engine, quote_identifier, run_ddl
+    from backend.platform.db import build_engine, quote_identifier
+    from backend.platform.db.migrate import StartupRefused, prepare_schema
 
     settings = get_settings()
     engine = build_engine(settings, autocommit=True)  # as the service runs in production
-    run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))
+    try:
+        prepare_schema(settings)  # before the demo user goes in; start-up then finds it at head
+    except StartupRefused as exc:
+        raise SystemExit(f"Refusing to start: {exc}") from None
     users = quote_identifier(settings.AUTH_USER_TABLE)
     with engine.begin() as connection:
         connection.execute(

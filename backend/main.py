@@ -1,13 +1,16 @@
 """The ASGI app (`uvicorn backend.main:app`): wires the platform and mounts each slice's router."""
 
 import gc
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 from fastapi import APIRouter, FastAPI
 from pydantic import ValidationError
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
@@ -15,12 +18,12 @@ from backend.features.create.router import router as create_router
 from backend.features.delete.router import router as delete_router
 from backend.features.get.router import router as get_router
 from backend.features.list.router import router as list_router
-from backend.features.task_model import schema_ddl
 from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
 from backend.platform.auth import TokenVerifier, document_bearer_auth
 from backend.platform.config import Settings, get_settings
-from backend.platform.db import Database, build_engine, close_pool, run_ddl, wait_for_database
+from backend.platform.db import Database, build_engine, close_pool, wait_for_database
+from backend.platform.db.migrate import StartupRefused, prepare_schema
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
 from backend.platform.logging import RequestLogMiddleware, configure_logging
@@ -39,12 +42,19 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        def create_schema(bound: Engine) -> None:
-            run_ddl(bound, schema_ddl(settings.AUTH_USER_TABLE))
-
-        await run_in_threadpool(
-            wait_for_database, engine, timeout=settings.DB_STARTUP_WAIT_SECONDS, then=create_schema
-        )
+        wait = settings.DB_STARTUP_WAIT_SECONDS
+        try:
+            # The schema first (on DATABASE_URL_UNPOOLED when set), then the serving pool.
+            await run_in_threadpool(prepare_schema, settings)
+            await run_in_threadpool(wait_for_database, engine, timeout=wait)
+        except StartupRefused as exc:
+            _refuse_to_start(f"Refusing to start: {exc}\n")
+        except OperationalError as exc:
+            error = str(exc.orig).strip().splitlines()[0]
+            _refuse_to_start(
+                f"Refusing to start: the database (DATABASE_URL) did not answer within "
+                f"{wait:g} s: {error}\n"
+            )
         await run_in_threadpool(app.state.database.open_connections, settings.DB_POOL_SIZE)
         # Everything built so far (modules, the app, pydantic's validators) lives as long as
         # the process. Left in the collector, each full collection walks all of it: about
@@ -117,6 +127,15 @@ def _app_from_environment() -> FastAPI:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         sys.stderr.write(f"Refusing to start: the settings are not safe to run with:\n{problems}\n")
         raise SystemExit(2) from None
+
+
+def _refuse_to_start(message: str) -> NoReturn:
+    """Exit 2 with `message` and no traceback, from inside the lifespan, where an exception
+    would reach uvicorn, which logs it with its traceback and exits 3."""
+    sys.stdout.flush()
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    os._exit(2)
 
 
 _app: FastAPI | None = None

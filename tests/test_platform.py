@@ -18,7 +18,6 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from backend.features.task_model import schema_ddl
 from backend.main import create_app
 from backend.platform.config import EXAMPLE_SECRET, Settings
 from tests.factories import TaskFactory
@@ -105,9 +104,11 @@ def test_env_example_lists_every_setting():
 
 
 def test_schema_bootstrap_is_idempotent_and_exact(engine, settings):
-    from backend.platform.db import run_ddl
+    from backend.platform.db import transactional
+    from backend.platform.db.migrate import upgrade_to_head
 
-    run_ddl(engine, schema_ddl(settings.AUTH_USER_TABLE))  # a second time: no error
+    with transactional(engine.connect()) as connection:  # a second time: nothing to do
+        upgrade_to_head(connection, auth_user_table=settings.AUTH_USER_TABLE)
     with engine.connect() as connection:
         columns = connection.execute(
             text(
@@ -165,11 +166,12 @@ def test_users_table_has_exactly_better_auths_columns(engine):
 
 
 def test_custom_users_table_name(engine):
+    from backend.platform.db.migrate import upgrade_to_head
+
     with engine.connect() as connection, connection.begin() as transaction:
         connection.execute(text("CREATE SCHEMA custom_users"))
         connection.execute(text("SET LOCAL search_path TO custom_users"))
-        for statement in schema_ddl("users"):
-            connection.execute(text(statement))
+        upgrade_to_head(connection, auth_user_table="users")
         target = connection.execute(
             text(
                 "SELECT confrelid::regclass::text FROM pg_constraint "

@@ -17,14 +17,25 @@ from pydantic import (
     TypeAdapter,
     field_validator,
 )
-from sqlalchemy import Boolean, Column, DateTime, Integer, String, Table, Text, bindparam, func
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    bindparam,
+    func,
+)
 from sqlmodel import Field as ColumnField
 from sqlmodel import SQLModel
 
 from backend.platform.auth import AuthenticatedRoute
-from backend.platform.db import quote_identifier
 from backend.platform.errors import TASK_ERRORS, TaskNotFoundError
-from backend.platform.users import users_table_ddl
+from backend.platform.users import BetterAuthUser
 
 TITLE_MAX_LENGTH = 200
 DESCRIPTION_MAX_LENGTH = 1000
@@ -32,12 +43,21 @@ MAX_TASK_ID = 2**31 - 1  # `serial` is a 4-byte integer
 
 
 class Task(SQLModel, table=True):
-    """A row of `tasks`. The DDL below is the source of truth; this maps it for statements."""
+    """A row of `tasks`, as the migrations make it: autogenerate compares against this (and a
+    test fails when the two differ), so constraints, defaults and the index are all stated."""
 
     __tablename__ = "tasks"
 
     id: int | None = ColumnField(default=None, sa_column=Column(Integer, primary_key=True))
-    user_id: str = ColumnField(sa_column=Column(Text, nullable=False))
+    # Better Auth's table under its default name; the migrations point the key at
+    # AUTH_USER_TABLE. Deleting a user deletes their tasks.
+    user_id: str = ColumnField(
+        sa_column=Column(
+            Text,
+            ForeignKey(f"{BetterAuthUser.__tablename__}.id", ondelete="CASCADE"),
+            nullable=False,
+        )
+    )
     title: str = ColumnField(sa_column=Column(String(TITLE_MAX_LENGTH), nullable=False))
     description: str | None = ColumnField(default=None, sa_column=Column(Text, nullable=True))
     completed: bool = ColumnField(
@@ -61,26 +81,13 @@ class Task(SQLModel, table=True):
 # skips the ORM's execution pipeline that a Core statement does not use.
 TASKS: Table = Task.__table__  # type: ignore[attr-defined]
 TASK_COLUMNS = tuple(TASKS.c)
-
-
-def schema_ddl(auth_user_table: str) -> list[str]:
-    """Idempotent DDL for the users table (only if Better Auth has not made it) and `tasks`."""
-    users = quote_identifier(auth_user_table)
-    return [
-        users_table_ddl(auth_user_table),
-        f"""CREATE TABLE IF NOT EXISTS tasks (
-            id serial PRIMARY KEY,
-            user_id text NOT NULL REFERENCES {users} (id) ON DELETE CASCADE,
-            title varchar({TITLE_MAX_LENGTH}) NOT NULL,
-            description text,
-            completed boolean NOT NULL DEFAULT false,
-            created_at timestamptz NOT NULL DEFAULT now(),
-            updated_at timestamptz NOT NULL DEFAULT now()
-        )""",
-        # Serves "this user's tasks, newest first" (and any lookup by user_id) from the index.
-        "CREATE INDEX IF NOT EXISTS ix_tasks_user_id_created_at "
-        "ON tasks (user_id, created_at DESC, id DESC)",
-    ]
+# Serves "this user's tasks, newest first" (and any lookup by user_id) from the index.
+Index(
+    "ix_tasks_user_id_created_at",
+    TASKS.c.user_id,
+    TASKS.c.created_at.desc(),
+    TASKS.c.id.desc(),
+)
 
 
 def _is_storable_text(value: str) -> str:

@@ -5,7 +5,7 @@ import sys
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The placeholder shipped in .env.example: copying the file without editing it must not start a
@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     DATABASE_URL: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         description="PostgreSQL URL; postgres:// and postgresql:// both work, Neon URLs as given.",
+    )
+    DATABASE_URL_UNPOOLED: str = Field(
+        default="",
+        description="Direct (unpooled) URL for migrations; default DATABASE_URL.",
+    )
+    DB_MIGRATE_ON_START: bool = Field(
+        default=True,
+        description="Upgrade the schema to head at start-up; off: refuse to start if behind.",
     )
     BETTER_AUTH_SECRET: str = Field(
         default="", description="Shared with Better Auth; verifies HS256 tokens. 32+ characters."
@@ -132,11 +140,13 @@ class Settings(BaseSettings):
             raise ValueError(f"AUTH_USER_TABLE {value!r} is not a plain SQL identifier")
         return value
 
-    @field_validator("DATABASE_URL")
+    @field_validator("DATABASE_URL", "DATABASE_URL_UNPOOLED")
     @classmethod
-    def _database_url_is_postgres(cls, value: str) -> str:
+    def _database_url_is_postgres(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "DATABASE_URL_UNPOOLED" and not value:
+            return value
         if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
-            raise ValueError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+            raise ValueError(f"{info.field_name} must be a postgres:// or postgresql:// URL")
         return value
 
     @model_validator(mode="after")
@@ -151,8 +161,12 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         """The URL for SQLAlchemy's psycopg2 dialect (Heroku/Neon style postgres:// included)."""
-        scheme, _, rest = self.DATABASE_URL.partition("://")
-        return f"postgresql+psycopg2://{rest}"
+        return _psycopg2_url(self.DATABASE_URL)
+
+    @property
+    def migration_url(self) -> str:
+        """`sqlalchemy_url` for migrations: the direct connection when there is one."""
+        return _psycopg2_url(self.DATABASE_URL_UNPOOLED or self.DATABASE_URL)
 
     @property
     def cors_origins(self) -> list[str]:
@@ -186,6 +200,11 @@ class Settings(BaseSettings):
         if self.LOG_FORMAT == "auto":
             return not sys.stdout.isatty()
         return self.LOG_FORMAT == "json"
+
+
+def _psycopg2_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}"
 
 
 @lru_cache

@@ -4,7 +4,9 @@
 - `deadline`: psycopg2's wait callback, so that no wait on the database is unbounded;
 - `runner`: `Database`, which runs the slices' handlers on the event loop and ends their unit
   of work;
-- `schema`: bringing the schema up at start-up.
+- `schema`: waiting for the database at start-up;
+- `migrate` (with the revisions in `migrations/`): the schema's history, and bringing a database
+  to its head at start-up or from the `alembic` command line.
 """
 
 from backend.platform.db.engine import (
@@ -15,7 +17,7 @@ from backend.platform.db.engine import (
     transactional,
 )
 from backend.platform.db.runner import Database, database_of
-from backend.platform.db.schema import run_ddl, wait_for_database
+from backend.platform.db.schema import wait_for_database
 
 __all__ = [
     "Database",
@@ -24,7 +26,6 @@ __all__ = [
     "database_answers",
     "database_of",
     "quote_identifier",
-    "run_ddl",
     "transactional",
     "wait_for_database",
 ]

@@ -110,7 +110,7 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
     return engine
 
 
-def _connection_class(*, connect_timeout: float, network_timeout: float) -> type:
+def _connection_class(*, connect_timeout: float, network_timeout: float | None) -> type:
     """A psycopg2 connection class carrying this engine's deadlines for the wait callback."""
     return type(
         "DeadlineConnection",

@@ -1,4 +1,4 @@
-"""Schema bootstrap at start-up: wait for the database, then create what is missing."""
+"""Waiting at start-up for the database to answer (the schema itself: `migrate`)."""
 
 import time
 from collections.abc import Callable
@@ -7,17 +7,7 @@ import structlog
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from backend.platform.db.engine import transactional
-
 log = structlog.get_logger("backend.db")
-
-
-def run_ddl(engine: Engine, statements: list[str]) -> None:
-    """Run DDL idempotently, serialised across workers by an advisory lock."""
-    with transactional(engine.connect()) as connection, connection.begin():
-        connection.execute(text("SELECT pg_advisory_xact_lock(727274)"))
-        for statement in statements:
-            connection.execute(text(statement))
 
 
 def wait_for_database(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -155,7 +156,7 @@ def test_metrics_token_defaults_to_off():
 
 def test_scrape_is_the_prometheus_text_format_with_every_metric(metrics_client):
     response = metrics_client.get("/metrics", headers=SCRAPE)
-    assert response.headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
     names = {family.name for family in text_string_to_metric_families(response.text)}
     assert {
         DURATION,

@@ -133,10 +133,9 @@ class RequestLogMiddleware:
             await send(message)
 
         structlog.contextvars.clear_contextvars()
-        if self.tracing is not None and self.tracing.on:
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id, trace_id=current_trace_id()
-            )
+        trace_id = current_trace_id() if self.tracing is not None and self.tracing.on else None
+        if trace_id is not None:
+            structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
         else:
             structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()

@@ -14,6 +14,7 @@ a tracer provider of its own (`opentelemetry-instrument`). Off, a request pays o
 check in the request log middleware and FastAPI's own check of the global provider.
 """
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi.telemetry import TelemetryConfig
@@ -21,12 +22,21 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy import Engine, event
 
+# Probes and scrapes come every few seconds and say nothing about the service's work.
+UNTRACED_PATHS = frozenset({"/health", "/metrics"})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in UNTRACED_PATHS
+
+
 FASTAPI_TELEMETRY: TelemetryConfig = {
     "tracing": True,
     "metrics": False,
     "logs": False,
     "operation_spans": False,
     "auto_configure": True,
+    "exclude": _untraced,
 }
 _SPAN_KEY = "todo.statement_span"
 

@@ -172,9 +172,11 @@ def test_request_and_statement_spans_reach_the_otlp_receiver(
     assert statement["attributes"]["db.operation.name"] == "SELECT"
     assert "tasks" in statement["attributes"]["db.query.text"]
     assert committed_user not in statement["attributes"]["db.query.text"]  # a placeholder
-    # Start-up's own statements (schema, opening the pool) are not traced as requests.
+    # Start-up's statements and the health probes (which query the database) are not traced:
+    # every statement span belongs to a request's.
     assert all(s["kind"] in (SERVER, CLIENT) for s in receiver.spans)
     assert not any(s["parent_span_id"] == "" and s["kind"] == CLIENT for s in receiver.spans)
+    assert not any(s["attributes"].get("url.path") == "/health" for s in receiver.spans)
 
     (line,) = [
         x

@@ -62,9 +62,9 @@ def current_trace_id() -> str | None:
 
 
 def trace_statements(engine: Engine, provider: trace.TracerProvider) -> None:
-    """A client span for each statement the engine sends (semantic conventions for database
-    client spans: `db.query.text` is the statement with its parameters as placeholders, so no
-    value a user sent is in it)."""
+    """A client span for each statement sent inside a traced request (semantic conventions for
+    database client spans: `db.query.text` is the statement with its parameters as
+    placeholders, so no value a user sent is in it)."""
     tracer = provider.get_tracer("backend.platform.db")
     url = engine.url
     common: dict[str, Any] = {
@@ -75,6 +75,8 @@ def trace_statements(engine: Engine, provider: trace.TracerProvider) -> None:
     }
 
     def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not trace.get_current_span().get_span_context().is_valid:
+            return  # not inside a traced request (an untraced path, a background job)
         operation = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
         span = tracer.start_span(
             f"{operation} {common['db.namespace']}".strip(),

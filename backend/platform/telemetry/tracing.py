@@ -9,8 +9,8 @@ spans around dependencies and serialization stay off. What it does not know abou
 database, so each statement gets a client span of ours, a child of the request's span.
 
 Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set,
-unless OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true; or when the process was started with
-a tracer provider of its own (`opentelemetry-instrument`). Off, a request pays one attribute
+unless OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true (or when a global tracer provider
+was set up before the app started). Off, a request pays one attribute
 check in the request log middleware and FastAPI's own check of the global provider.
 """
 

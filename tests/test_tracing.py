@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
+from backend.main import create_app
+from backend.platform.config import Settings
+from backend.platform.telemetry.tracing import fastapi_telemetry, tracing_requested
 from tests.live_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,3 +211,29 @@ def test_tracing_stays_off_when_the_sdk_is_disabled(
     ]
     assert "trace_id" not in line
     assert receiver.spans == []
+
+
+@pytest.mark.parametrize(
+    ("environment", "requested"),
+    [
+        ({}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, False),  # nowhere to send them
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_tracing_is_asked_for_by_the_standard_variables(monkeypatch, environment, requested):
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert tracing_requested() is requested
+    # Not asked for, FastAPI is told so, and does no per-request telemetry of its own.
+    assert fastapi_telemetry()["tracing"] is requested
+    assert (
+        create_app(Settings(_env_file=None, BETTER_AUTH_SECRET=SECRET))._telemetry["tracing"]
+        is requested
+    )

@@ -10,9 +10,9 @@ database, so each statement gets a client span of ours, a child of the request's
 
 Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set,
 unless OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true. Off, FastAPI is told so: by default
-it looks for configured tracer, meter and logger providers on every request, which cost 14% of
-the CPU of a `get` (callgrind); a request then pays one attribute check in the request log
-middleware.
+it looks for configured tracer, meter and logger providers on every request, 33,000
+instructions, 3% of a `get` (callgrind); told, 1,800. Our own part is then one attribute check
+in the request log middleware.
 """
 
 import os

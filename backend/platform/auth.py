@@ -24,6 +24,7 @@ from jwt.exceptions import InvalidSubjectError
 
 from backend.platform.config import Settings
 from backend.platform.jwks import JwksCache, KeyRejected, KeysOutdated, KeysUnavailable
+from backend.platform.telemetry.metrics import count_auth_failure
 
 log = structlog.get_logger("backend.auth")
 
@@ -272,6 +273,7 @@ async def authenticate(request: Request) -> AuthUser:
             )
     except AuthError as exc:
         log.warning("auth.failed", reason=exc.reason, status=exc.status_code)
+        count_auth_failure(exc.reason)
         headers = None
         if exc.status_code == status.HTTP_401_UNAUTHORIZED:
             # RFC 6750 3.1: no error code when the request carried no bearer token at all.

@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # service whose tokens anyone could forge.
 EXAMPLE_SECRET = "replace-me-with-openssl-rand-base64-32-output"
 MIN_SECRET_LENGTH = 32
+# Likewise for the scrapers' token (the placeholder from the README's scrape configuration).
+EXAMPLE_METRICS_TOKEN = "replace-me-with-openssl-rand-hex-32-output"
+MIN_METRICS_TOKEN_LENGTH = 32
+_TOKEN_CHARACTERS = re.compile(r"^[\x21-\x7e]+$")  # what fits a Bearer header unchanged
 SUPPORTED_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 SUPPORTED_ASYMMETRIC_ALGORITHMS = ("EdDSA", "ES256", "ES384", "ES512", "RS256", "PS256")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -81,6 +85,11 @@ class Settings(BaseSettings):
 
     MAX_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
 
+    METRICS_TOKEN: str = Field(
+        default="",
+        description="Bearer token for GET /metrics (Prometheus); empty: no /metrics at all.",
+    )
+
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     LOG_FORMAT: Literal["json", "console", "auto"] = "auto"
 
@@ -105,6 +114,35 @@ class Settings(BaseSettings):
                 "are required so that tokens cannot be brute-forced"
             )
         return value
+
+    @field_validator("METRICS_TOKEN")
+    @classmethod
+    def _metrics_token_is_strong(cls, value: str) -> str:
+        if not value:
+            return value  # metrics are off
+        if value == EXAMPLE_METRICS_TOKEN:
+            raise ValueError("METRICS_TOKEN is still the placeholder from the README")
+        if not _TOKEN_CHARACTERS.match(value):
+            raise ValueError(
+                "METRICS_TOKEN may hold only printable ASCII without spaces (it is sent as "
+                "`Authorization: Bearer <METRICS_TOKEN>`)"
+            )
+        if len(value) < MIN_METRICS_TOKEN_LENGTH:
+            raise ValueError(
+                f"METRICS_TOKEN is {len(value)} characters; at least "
+                f"{MIN_METRICS_TOKEN_LENGTH} are required (generate one with "
+                "`openssl rand -hex 32`)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_token_is_not_the_secret(self) -> "Settings":
+        if self.METRICS_TOKEN and self.METRICS_TOKEN == self.BETTER_AUTH_SECRET:
+            raise ValueError(
+                "METRICS_TOKEN may not be BETTER_AUTH_SECRET: a scraper's configuration would "
+                "then hold the key that signs every user's tokens"
+            )
+        return self
 
     @field_validator("JWT_ALGORITHMS")
     @classmethod

@@ -19,6 +19,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.platform.auth import UnknownUserError
+from backend.platform.telemetry.metrics import count_auth_failure, count_db_unavailable
 
 log = structlog.get_logger("backend.errors")
 
@@ -63,6 +64,7 @@ async def _task_not_found(_request: Request, _exc: Exception) -> JSONResponse:
 
 async def _unknown_user(_request: Request, _exc: Exception) -> JSONResponse:
     log.warning("auth.failed", reason="unknown_user", status=401)
+    count_auth_failure("unknown_user")
     return JSONResponse(
         {"detail": "The token's user does not exist"},
         status.HTTP_401_UNAUTHORIZED,
@@ -82,6 +84,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("db.error", error=type(exc.orig).__name__, exc_info=exc)
         return JSONResponse({"detail": "Internal error"}, status.HTTP_500_INTERNAL_SERVER_ERROR)
     log.warning("db.unavailable", error=type(exc).__name__, path=request.url.path)
+    count_db_unavailable()
     return JSONResponse(
         {"detail": "The database is unavailable; please retry shortly"},
         status.HTTP_503_SERVICE_UNAVAILABLE,

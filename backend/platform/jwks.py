@@ -23,6 +23,8 @@ import structlog
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from backend.platform.telemetry.metrics import count_jwks_fetch
+
 log = structlog.get_logger("backend.jwks")
 
 # What Better Auth's `jwks.keyPairConfig.alg` can be, and what each public key may verify. A
@@ -176,6 +178,7 @@ class JwksCache:
             keys = parse_jwks(self._fetch(self.url, self._timeout))
         except (OSError, urllib.error.URLError, ValueError) as exc:
             # OSError covers refused connections and timeouts, ValueError bad JSON or shape.
+            count_jwks_fetch("invalid" if isinstance(exc, ValueError) else "error")
             log.warning(
                 "jwks.fetch_failed",
                 url=self.url,
@@ -187,6 +190,7 @@ class JwksCache:
             self._keys = keys
             self._fetched_at = self._clock()
             self._ever_fetched = True
+            count_jwks_fetch("success")
             log.info("jwks.fetched", url=self.url, keys=len(keys))
         finally:
             with self._state:

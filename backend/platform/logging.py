@@ -11,6 +11,8 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.platform.config import Settings
+from backend.platform.telemetry.metrics import UNMATCHED_ROUTE, Metrics
+from backend.platform.telemetry.tracing import Tracing, current_trace_id
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._:\-]")
@@ -91,14 +93,22 @@ def sanitize_request_id(raw: str) -> str | None:
 class RequestLogMiddleware:
     """Pure ASGI middleware: request id in, request id out, one `request` line when done.
 
+    It also records each request's duration in the metrics (when they are on: one dict lookup
+    and one histogram observation), and binds the trace id next to the request id (when
+    tracing is on), in this one place that already times every request.
+
     Pure ASGI (not BaseHTTPMiddleware) so that the context variables it binds, and the
     `user_id` that authentication binds later in the same task, reach the final line.
     An exception that escapes the app becomes a JSON 500 here, logged with its traceback,
     so that even a bug answers `{"detail": ...}` with the request id attached.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,7 +133,11 @@ class RequestLogMiddleware:
             await send(message)
 
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
+        trace_id = current_trace_id() if self.tracing is not None and self.tracing.on else None
+        if trace_id is not None:
+            structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
+        else:
+            structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_request_id)
@@ -139,11 +153,21 @@ class RequestLogMiddleware:
                 )
                 await send({"type": "http.response.body", "body": b'{"detail":"Internal error"}'})
         finally:
+            elapsed = time.perf_counter() - started
             log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                duration_ms=round(elapsed * 1000, 2),
             )
+            if self.metrics is not None:
+                # The router leaves the route it chose in the scope; its template is the label.
+                route = scope.get("route")
+                self.metrics.observe_request(
+                    scope["method"],
+                    route.path_format if route is not None else UNMATCHED_ROUTE,
+                    status,
+                    elapsed,
+                )
             structlog.contextvars.clear_contextvars()

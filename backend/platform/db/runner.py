@@ -101,6 +101,19 @@ class Database:
         finally:
             self._checkin(slot)
 
+    @property
+    def pool_name(self) -> str:
+        """How the metrics name these sessions' connections: host:port/database, no secret."""
+        url = self.engine.url
+        return f"{url.host or ''}:{url.port or 5432}/{url.database or ''}"
+
+    def usage(self) -> tuple[int, int, int]:
+        """Sessions in use, sessions idle, and requests waiting for one (for the metrics; no
+        lock needed: the event loop's thread is the only one that changes these)."""
+        idle = len(self._idle)
+        waiting = sum(1 for waiter in self._waiters if not waiter.done())
+        return self._created - idle, idle, waiting
+
     def close(self) -> None:
         """Hand every idle session's connection back to the pool (at shutdown, before the pool
         is disposed of, which closes only the connections it holds)."""

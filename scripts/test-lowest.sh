@@ -3,7 +3,8 @@
 # of its range (uv's --resolution lowest-direct), installed afresh into .venv-lowest from the
 # ranges themselves, then the tests that say the service works there: the OpenAPI contract,
 # authentication, other users' tasks out of reach, the database runner and its greenlet bridge,
-# the dependency internals we rely on, and one slice end to end. A floor that is not true fails
+# the dependency internals we rely on, the migrations, metrics and traces, and one slice end
+# to end. A floor that is not true fails
 # here. The locked versions (.venv, uv.lock) run the whole suite. Paths/options given replace
 # the default selection; options alone are added to it.
 . "$(dirname "$0")/bootstrap.sh"
@@ -16,6 +17,7 @@ for arg in "$@"; do case $arg in -*) ;; *) paths_given=yes ;; esac; done
 if [ $paths_given = no ]; then
   set -- "$@" tests/test_openapi_client.py tests/test_auth.py tests/test_attack_ownership.py \
     tests/test_attack_tokens.py tests/test_database_runner.py tests/test_greenlet_bridge.py \
-    tests/test_dependency_internals.py backend/features/update
+    tests/test_dependency_internals.py tests/test_migrations.py tests/test_metrics.py \
+    tests/test_tracing.py backend/features/update
 fi
 exec .venv-lowest/bin/python -m pytest -p no:cacheprovider "$@"

@@ -1,5 +1,7 @@
 """The TypeScript client (clients/typescript/), compiled with its pinned tsc, drives the live API
-with a Better Auth JWT: all six operations, and each error surfaces as an ApiError."""
+with a Better Auth JWT: all six operations, each error surfaces as an ApiError, writes whose
+answers are lost or refused with a 503 are retried with their Idempotency-Key and happen once,
+and ETags serve If-Match and conditional reads."""
 
 import json
 import os
@@ -75,3 +77,24 @@ def test_the_typescript_client_drives_the_real_api(
     assert seen["forbidden"]["status"] == 403
     assert seen["unauthenticated"]["status"] == 401
     assert seen["unauthenticated"]["detail"] == "Malformed token"
+
+    # Writes whose answers were lost, and a 503: retried with their key, each happened once.
+    retried = seen["retried"]
+    assert (retried["replayed"], retried["etag"]) == (True, '"1"')
+    assert retried["titles"] == ["once, despite a lost answer"]
+    assert retried["toggled"] == {"completed": True, "replayed": True}
+    assert retried["deleted"] == {"id": True, "replayed": True}
+    assert (retried["keys"], retried["distinctKeys"]) == (7, 3)  # 2 + 2 + (503, lost, replay)
+    assert retried["left"] == []
+
+    # Concurrent edits and conditional reads.
+    assert seen["etags"] == {"created": '"1"', "got": '"1"', "afterEdit": '"2"'}
+    assert seen["stale"] == {
+        "status": 412,
+        "detail": "The task has changed since the ETag in If-Match was read; "
+        "get it again and retry",
+    }
+    assert seen["sameWhileUnchanged"] is True
+    assert seen["listSameWhileUnchanged"] is True
+    assert seen["afterToggle"] == {"same": False, "completed": True, "etag": '"3"'}
+    assert seen["listAfterToggle"] is False

@@ -311,3 +311,71 @@ def test_a_retried_conditional_write_replays_although_its_tag_is_stale(api, task
     assert again.headers["Idempotent-Replayed"] == "true"
     stale = api.put(f"/tasks/{task.id}", json={"title": "new"}, headers={"If-Match": '"1"'})
     assert stale.status_code == 412
+
+
+def test_the_service_runs_the_key_cleanup_for_as_long_as_it_runs(settings):
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+
+    from backend.main import create_app  # noqa: PLC0415
+
+    app = create_app(settings)
+    try:
+        with TestClient(app):
+            cleanup = app.state.key_cleanup
+            assert not cleanup.done()
+        assert cleanup.cancelled()
+    finally:
+        app.state.engine.dispose()
+
+
+def test_the_periodic_cleanup_deletes_committed_expired_keys(
+    settings, committed_user: str, engine: Engine
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    from backend.platform.db import Database, build_engine  # noqa: PLC0415
+    from backend.platform.idempotency import expire_keys_forever  # noqa: PLC0415
+
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO idempotency_keys (user_id, operation, key, fingerprint, status, "
+                "response, expires_at) SELECT :u, 'create', 'k' || n, 'f', 201, '{}', "
+                "now() + (CASE WHEN n = 0 THEN 1 ELSE -1 END) * interval '1 hour' "
+                "FROM generate_series(0, 1200) AS n"
+            ),
+            {"u": committed_user},
+        )
+    serving = build_engine(settings, autocommit=True)
+
+    async def run_cleanup_once() -> None:
+        database = Database.for_engine(serving, settings)
+        cleanup = asyncio.create_task(expire_keys_forever(database, interval=0.01))
+        try:
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                with engine.connect() as connection:
+                    left = connection.execute(
+                        text("SELECT count(*) FROM idempotency_keys WHERE user_id = :u"),
+                        {"u": committed_user},
+                    ).scalar_one()
+                if left == 1:
+                    break
+        finally:
+            cleanup.cancel()
+            database.close()
+
+    try:
+        asyncio.run(run_cleanup_once())
+    finally:
+        serving.dispose()
+    with engine.begin() as connection:
+        keys = (
+            connection.execute(
+                text("DELETE FROM idempotency_keys WHERE user_id = :u RETURNING key"),
+                {"u": committed_user},
+            )
+            .scalars()
+            .all()
+        )
+    assert keys == ["k0"]  # 1200 expired keys gone, in batches of 500; the live one kept

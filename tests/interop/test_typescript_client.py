@@ -8,30 +8,13 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT
-from tests.interop.conftest import Frontend, Stack, require_tool
-
-CLIENT = ROOT / "clients" / "typescript"
-
-
-def compile_client(node: str, out: Path) -> Path:
-    if not (CLIENT / "node_modules" / "typescript").is_dir():
-        npm = require_tool("npm", "installing the client's build tools needs npm")
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT, check=True, timeout=600)
-    tsc = CLIENT / "node_modules" / "typescript" / "bin" / "tsc"
-    subprocess.run(  # noqa: S603 - our own argv
-        [node, str(tsc), "--outDir", str(out), "--declaration", "false"],
-        cwd=CLIENT,
-        check=True,
-        timeout=120,
-    )
-    return out / "index.js"
+from tests.interop.conftest import Frontend, Stack
 
 
 def test_the_typescript_client_drives_the_real_api(
-    stack: Stack, frontend: Frontend, node: str, tmp_path: Path
+    stack: Stack, frontend: Frontend, node: str, compiled_client: Path
 ):
-    client = compile_client(node, tmp_path / "dist")
+    client = compiled_client
     account = frontend.sign_up("Client")
     token = frontend.token(account, "jwt-plugin")
     result = subprocess.run(  # noqa: S603

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any, TypeVar
 
-from fastapi import Request, Response, status
+from fastapi import HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 from sqlalchemy import Column, Insert, Integer, any_, bindparam, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -192,8 +192,6 @@ class GuardedRoute(APIRoute):
 
 
 def _one_key_only() -> Exception:
-    from fastapi import HTTPException  # noqa: PLC0415 - rare path
-
     return HTTPException(status.HTTP_400_BAD_REQUEST, f"Send one {idempotency.HEADER} header")
 
 

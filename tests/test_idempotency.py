@@ -379,3 +379,30 @@ def test_the_periodic_cleanup_deletes_committed_expired_keys(
             .all()
         )
     assert keys == ["k0"]  # 1200 expired keys gone, in batches of 500; the live one kept
+
+
+def test_the_keys_table_is_what_its_model_says(session):
+    """The DDL the service runs and the SQLModel model (what migrations are compared against)
+    describe the same table."""
+    from backend.platform.idempotency import KEYS  # noqa: PLC0415
+
+    columns = session.execute(
+        text(
+            "SELECT column_name, data_type, character_maximum_length, is_nullable "
+            "FROM information_schema.columns WHERE table_name = 'idempotency_keys' "
+            "AND table_schema = current_schema() ORDER BY ordinal_position"
+        )
+    ).all()
+    assert [tuple(c) for c in columns] == [
+        ("user_id", "text", None, "NO"),
+        ("operation", "text", None, "NO"),
+        ("key", "character varying", 255, "NO"),
+        ("fingerprint", "text", None, "NO"),
+        ("status", "smallint", None, "NO"),
+        ("response", "jsonb", None, "NO"),
+        ("created_at", "timestamp with time zone", None, "NO"),
+        ("expires_at", "timestamp with time zone", None, "NO"),
+    ]
+    assert [c.name for c in KEYS.columns] == [c[0] for c in columns]
+    assert [c.name for c in KEYS.primary_key] == ["user_id", "operation", "key"]
+    assert {i.name for i in KEYS.indexes} == {"ix_idempotency_keys_expires_at"}

@@ -35,6 +35,7 @@ from sqlalchemy import (
     Insert,
     Select,
     SmallInteger,
+    String,
     Table,
     Text,
     bindparam,
@@ -68,7 +69,7 @@ class IdempotencyKey(SQLModel, table=True):
 
     user_id: str = ColumnField(sa_column=Column(Text, primary_key=True))
     operation: str = ColumnField(sa_column=Column(Text, primary_key=True))
-    key: str = ColumnField(sa_column=Column(Text, primary_key=True))
+    key: str = ColumnField(sa_column=Column(String(KEY_MAX_LENGTH), primary_key=True))
     fingerprint: str = ColumnField(sa_column=Column(Text, nullable=False))
     status: int = ColumnField(sa_column=Column(SmallInteger, nullable=False))
     response: Any = ColumnField(sa_column=Column(JSONB, nullable=False))

@@ -77,7 +77,12 @@ seen.retried.left = await api.listTasks(userId);
 const mine = await api.createTask(userId, { title: "edited in two tabs" });
 const tabOne = await api.getTask(userId, mine.id);
 seen.etags = { created: etagOf(mine), got: etagOf(tabOne) };
-const savedByOne = await api.updateTask(userId, mine.id, { title: "tab one" }, { ifMatch: etagOf(tabOne) });
+const savedByOne = await api.updateTask(
+  userId,
+  mine.id,
+  { title: "tab one" },
+  { ifMatch: etagOf(tabOne) },
+);
 seen.etags.afterEdit = etagOf(savedByOne);
 try {
   await api.updateTask(userId, mine.id, { title: "tab two" }, { ifMatch: etagOf(tabOne) });
@@ -85,7 +90,8 @@ try {
 } catch (error) {
   seen.stale = { status: error.status, detail: error.detail };
 }
-seen.sameWhileUnchanged = (await api.getTask(userId, mine.id, { cached: savedByOne })) === savedByOne;
+const gotAgain = await api.getTask(userId, mine.id, { cached: savedByOne });
+seen.sameWhileUnchanged = gotAgain === savedByOne;
 const list = await api.listTasks(userId);
 seen.listSameWhileUnchanged = (await api.listTasks(userId, undefined, { cached: list })) === list;
 await api.toggleTask(userId, mine.id, { ifMatch: "*" });

@@ -139,13 +139,21 @@ export function wasReplayed(value: object): boolean {
 type TaskList = Success<Tasks, "get", 200>;
 
 export interface TodoApi {
-  listTasks(userId: string, status?: StatusFilter, options?: ReadOptions<TaskList>): Promise<TaskList>;
+  listTasks(
+    userId: string,
+    status?: StatusFilter,
+    options?: ReadOptions<TaskList>,
+  ): Promise<TaskList>;
   createTask(
     userId: string,
     task: TaskCreate,
     options?: Pick<WriteOptions, "idempotencyKey">,
   ): Promise<Success<Tasks, "post", 201>>;
-  getTask(userId: string, taskId: number, options?: ReadOptions<Task>): Promise<Success<OneTask, "get", 200>>;
+  getTask(
+    userId: string,
+    taskId: number,
+    options?: ReadOptions<Task>,
+  ): Promise<Success<OneTask, "get", 200>>;
   /** PUT: `title` required; fields left out keep their value. */
   replaceTask(
     userId: string,
@@ -161,8 +169,16 @@ export interface TodoApi {
     options?: WriteOptions,
   ): Promise<Success<OneTask, "patch", 200>>;
   /** Resolves to the task as it was before deletion. */
-  deleteTask(userId: string, taskId: number, options?: WriteOptions): Promise<Success<OneTask, "delete", 200>>;
-  toggleTask(userId: string, taskId: number, options?: WriteOptions): Promise<Success<Toggle, "patch", 200>>;
+  deleteTask(
+    userId: string,
+    taskId: number,
+    options?: WriteOptions,
+  ): Promise<Success<OneTask, "delete", 200>>;
+  toggleTask(
+    userId: string,
+    taskId: number,
+    options?: WriteOptions,
+  ): Promise<Success<Toggle, "patch", 200>>;
 }
 
 const RETRIED_STATUSES = new Set([409, 503]);
@@ -186,7 +202,8 @@ export function createTodoApi(options: TodoApiOptions): TodoApi {
   const attempts = Math.max(1, options.retry?.attempts ?? 5);
   const baseDelayMs = options.retry?.baseDelayMs ?? 250;
   const maxDelayMs = options.retry?.maxDelayMs ?? 8000;
-  const sleep = options.retry?.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
+  const sleep =
+    options.retry?.sleep ?? ((ms: number) => new Promise<void>((r) => setTimeout(r, ms)));
 
   interface Call {
     body?: unknown;
@@ -213,19 +230,21 @@ export function createTodoApi(options: TodoApiOptions): TodoApi {
 
     for (let attempt = 0; ; attempt++) {
       let response: Response;
+      // Outside the try: a token that could not be had is the caller's failure, not retried.
+      const headers = { ...conditions, Authorization: `Bearer ${await options.getToken()}` };
       try {
-        const headers = { ...conditions, Authorization: `Bearer ${await options.getToken()}` };
         response = await doFetch(url, { ...init, headers });
       } catch (error) {
         // The request may or may not have reached the server: with its key, asking again is
-        // safe either way. A token that could not be had is not retried.
+        // safe either way. (fetch rejects with a TypeError on network failures.)
         if (!(error instanceof TypeError) || attempt + 1 >= attempts) throw error;
         await sleep(retryDelayMs(attempt, null, baseDelayMs, maxDelayMs));
         continue;
       }
       if (RETRIED_STATUSES.has(response.status) && attempt + 1 < attempts) {
         await response.body?.cancel();
-        await sleep(retryDelayMs(attempt, response.headers.get("Retry-After"), baseDelayMs, maxDelayMs));
+        const retryAfter = response.headers.get("Retry-After");
+        await sleep(retryDelayMs(attempt, retryAfter, baseDelayMs, maxDelayMs));
         continue;
       }
       if (response.status === 304 && cached) return cached as T;
@@ -256,13 +275,16 @@ export function createTodoApi(options: TodoApiOptions): TodoApi {
         query: status === undefined ? undefined : { status },
         cached: read?.cached,
       }),
-    createTask: (userId, body, write) => request("POST", tasks(userId), { body, write: { ...write } }),
-    getTask: (userId, taskId, read) => request("GET", task(userId, taskId), { cached: read?.cached }),
+    createTask: (userId, body, write) =>
+      request("POST", tasks(userId), { body, write: { ...write } }),
+    getTask: (userId, taskId, read) =>
+      request("GET", task(userId, taskId), { cached: read?.cached }),
     replaceTask: (userId, taskId, body, write) =>
       request("PUT", task(userId, taskId), { body, write: { ...write } }),
     updateTask: (userId, taskId, body, write) =>
       request("PATCH", task(userId, taskId), { body, write: { ...write } }),
-    deleteTask: (userId, taskId, write) => request("DELETE", task(userId, taskId), { write: { ...write } }),
+    deleteTask: (userId, taskId, write) =>
+      request("DELETE", task(userId, taskId), { write: { ...write } }),
     toggleTask: (userId, taskId, write) =>
       request("PATCH", `${task(userId, taskId)}/complete`, { write: { ...write } }),
   };

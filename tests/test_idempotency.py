@@ -406,3 +406,28 @@ def test_the_keys_table_is_what_its_model_says(session):
     assert [c.name for c in KEYS.columns] == [c[0] for c in columns]
     assert [c.name for c in KEYS.primary_key] == ["user_id", "operation", "key"]
     assert {i.name for i in KEYS.indexes} == {"ix_idempotency_keys_expires_at"}
+
+
+def test_twelve_simultaneous_toggles_with_one_key_flip_once(
+    live_url: str, committed_user: str, make_token: Callable[..., str], engine: Engine
+) -> None:
+    auth = {"Authorization": f"Bearer {make_token(committed_user)}"}
+    url = f"{live_url}/api/{committed_user}/tasks"
+    start = Barrier(12)
+    with httpx.Client(headers=auth, timeout=30, limits=httpx.Limits(max_connections=12)) as c:
+        task_id = c.post(url, json={"title": "flip once"}).json()["id"]
+
+        def toggle(_: int) -> httpx.Response:
+            start.wait()
+            return c.patch(f"{url}/{task_id}/complete", headers={"Idempotency-Key": "flip"})
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            responses = list(pool.map(toggle, range(12)))
+    assert Counter(r.status_code for r in responses) == {200: 12}
+    assert {r.json()["completed"] for r in responses} == {True}
+    assert Counter(r.headers.get("Idempotent-Replayed") for r in responses) == {None: 1, "true": 11}
+    with engine.connect() as connection:
+        row = connection.execute(
+            text("SELECT completed, version FROM tasks WHERE id = :id"), {"id": task_id}
+        ).one()
+    assert tuple(row) == (True, 2)

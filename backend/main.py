@@ -28,6 +28,7 @@ from backend.platform.db import Database, build_engine, close_pool, wait_for_dat
 from backend.platform.db.migrate import StartupRefused, prepare_schema
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
+from backend.platform.idempotency import expire_keys_forever
 from backend.platform.logging import RequestLogMiddleware, configure_logging
 from backend.platform.telemetry.metrics import enable_metrics, metrics_router
 from backend.platform.telemetry.tracing import Tracing, fastapi_telemetry
@@ -76,7 +77,12 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
             publisher = asyncio.create_task(
                 metrics.publish_pool_while_serving(lambda: app.state.database)
             )
+        # The service deletes its own expired idempotency keys: no outside cron to forget.
+        app.state.key_cleanup = asyncio.create_task(expire_keys_forever(app.state.database))
         yield
+        app.state.key_cleanup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.state.key_cleanup
         # uvicorn runs this after SIGTERM once in-flight requests have finished.
         if publisher is not None:
             publisher.cancel()
@@ -121,8 +127,15 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         CORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "Retry-After"],
+        allow_headers=[
+            "Authorization",
+            "Content-Type",
+            "X-Request-ID",
+            "Idempotency-Key",
+            "If-Match",
+            "If-None-Match",
+        ],
+        expose_headers=["X-Request-ID", "Retry-After", "ETag", "Idempotent-Replayed"],
         max_age=600,
     )
     app.add_middleware(RequestLogMiddleware, metrics=metrics, tracing=tracing)

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/soak.py                      # 60 s, 64 connections (README figures)
     .venv/bin/python scripts/soak.py --duration 10        # what CI runs
     .venv/bin/python scripts/soak.py --kill-idle-every 2  # Neon-style: kill idle connections
+    .venv/bin/python scripts/soak.py --keyed              # every write retried under its key
 
 It makes a throwaway database on the PostgreSQL given by --database-url (default
 $TEST_DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres), starts
@@ -17,6 +18,10 @@ killed (none without kills), or when an acknowledged write is missing.
 With --kill-idle-every, the service's idle connections are killed server-side (what Neon's
 suspend does) that often. Those kills are meant to be invisible; only a kill landing in the
 instant between a connection's checkout and its first statement can cost a request a 503.
+
+With --keyed, each write carries a fresh Idempotency-Key and is retried with it (after a 503, a
+409 or a transport failure) until it succeeds, as the TypeScript client does: then every write
+must succeed, and none may take effect twice.
 """
 
 import argparse
@@ -55,6 +60,8 @@ class Call:
     body: Any
     started: float
     seconds: float
+    tries: int = 1
+    replayed: bool = False
 
 
 @dataclass
@@ -74,7 +81,7 @@ def free_port() -> int:
 
 
 async def work(
-    http: httpx.AsyncClient, client: Client, token: str, deadline: float, seed: int
+    http: httpx.AsyncClient, client: Client, token: str, deadline: float, seed: int, keyed: bool
 ) -> None:
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
@@ -84,12 +91,32 @@ async def work(
     async def call(op: str, method: str, url: str, task_id: int | None, body: Any = None) -> Call:
         started = time.monotonic()
         title = body.get("title") if isinstance(body, dict) else None
-        try:
-            response = await http.request(method, url, json=body, headers=headers)
-            status, payload = response.status_code, response.json()
-        except httpx.HTTPError as exc:  # a transport failure is a result too: status 0
-            status, payload = 0, {"detail": f"{type(exc).__name__}: {exc}"}
-        result = Call(op, task_id, title, status, payload, started, time.monotonic() - started)
+        sent = headers
+        if keyed and op in WRITES:
+            sent = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+        tries, replayed = 0, False
+        while True:
+            tries += 1
+            try:
+                response = await http.request(method, url, json=body, headers=sent)
+                status, payload = response.status_code, response.json()
+                replayed = response.headers.get("Idempotent-Replayed") == "true"
+            except httpx.HTTPError as exc:  # a transport failure is a result too: status 0
+                status, payload = 0, {"detail": f"{type(exc).__name__}: {exc}"}
+            if sent is headers or status not in (0, 409, 503) or tries >= 20:
+                break
+            await asyncio.sleep(min(0.05 * 2**tries, 1.0))  # capped backoff, same key
+        result = Call(
+            op,
+            task_id,
+            title,
+            status,
+            payload,
+            started,
+            time.monotonic() - started,
+            tries,
+            replayed,
+        )
         client.calls.append(result)
         return result
 
@@ -125,12 +152,14 @@ async def work(
             await asyncio.sleep(0.05)
 
 
-async def run_load(url: str, clients: list[Client], tokens: dict[str, str], seconds: float) -> None:
+async def run_load(
+    url: str, clients: list[Client], tokens: dict[str, str], seconds: float, keyed: bool
+) -> None:
     limits = httpx.Limits(max_connections=len(clients), max_keepalive_connections=len(clients))
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         deadline = time.monotonic() + seconds
         await asyncio.gather(
-            *(work(http, c, tokens[c.user_id], deadline, i) for i, c in enumerate(clients))
+            *(work(http, c, tokens[c.user_id], deadline, i, keyed) for i, c in enumerate(clients))
         )
 
 
@@ -209,6 +238,9 @@ def main() -> int:
         ),
     )
     parser.add_argument("--kill-idle-every", type=float, default=0.0, help="seconds; 0 = never")
+    parser.add_argument(
+        "--keyed", action="store_true", help="retry every write under its Idempotency-Key"
+    )
     args = parser.parse_args()
 
     server = make_url(args.database_url.replace("postgres://", "postgresql://", 1))
@@ -274,7 +306,7 @@ def main() -> int:
             )
             killer.start()
         started = time.monotonic()
-        asyncio.run(run_load(url, clients, tokens, args.duration))
+        asyncio.run(run_load(url, clients, tokens, args.duration, args.keyed))
         elapsed = time.monotonic() - started
         stop.set()
         if killer is not None:
@@ -316,6 +348,9 @@ def main() -> int:
             "max": round(latencies[-1], 1),
         },
         "idle_connections_killed": sum(kills),
+        "keyed": args.keyed,
+        "writes_retried": sum(c.tries > 1 for c in calls if c.op in WRITES),
+        "writes_replayed": sum(c.replayed for c in calls),
         "transport_errors": sorted({c.body["detail"] for c in calls if c.status == 0}),
         "server_errors_logged": server_errors[:20],
         **verify(clients, rows),
@@ -335,6 +370,12 @@ def main() -> int:
         problems.append(f"{len(figures['writes_missing'])} acknowledged writes missing")
     if server_errors:
         problems.append(f"{len(server_errors)} errors in the service's log")
+    if args.keyed:
+        unfinished = [c for c in calls if c.op in WRITES and c.status not in (200, 201)]
+        if unfinished:
+            problems.append(f"{len(unfinished)} keyed writes never succeeded")
+        if figures["failed_writes_that_took_effect"]:
+            problems.append("keyed writes in doubt (a failure that took effect)")
     if figures["rows_nobody_was_told_about"]:
         problems.append("rows in the database that no client created")
     for problem in problems:

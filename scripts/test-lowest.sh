@@ -4,8 +4,8 @@
 # ranges themselves, then the tests that say the service works there: the OpenAPI contract,
 # authentication, other users' tasks out of reach, the database runner and its greenlet bridge,
 # the dependency internals we rely on, the migrations, metrics and traces, and one slice end
-# to end. A floor that is not true fails here. The locked versions (.venv, uv.lock) run the whole suite. Paths/options given replace
-# the default selection; options alone are added to it.
+# to end. A floor that is not true fails here. The locked versions (.venv, uv.lock) run the
+# whole suite. Paths/options given replace the default selection; options alone are added to it.
 . "$(dirname "$0")/bootstrap.sh"
 UV_PYTHON_DOWNLOADS=never .venv/bin/uv venv -q --clear --python .venv/bin/python .venv-lowest
 VIRTUAL_ENV=.venv-lowest .venv/bin/uv pip install -q --resolution lowest-direct -e '.[dev]'

@@ -717,3 +717,242 @@ def test_connection_killed_the_instant_it_opened_is_a_503_not_a_500(
         after = client.patch(f"{base}/{task_id}/complete")
         assert after.status_code == 200
         assert after.json()["completed"] is True  # the failed toggle left nothing behind
+
+
+# --- the same faults, with clients that retry every write under its Idempotency-Key ------------
+
+
+@dataclass
+class KeyedWrite:
+    """One intended write and every try it took: the same request under the same key."""
+
+    user_id: str
+    op: str  # create | rename | toggle | delete
+    task_id: int | None
+    title: str | None
+    key: str
+    tries: list[tuple[int | str, float, float]] = field(default_factory=list)
+    status: int = 0
+    body: Any = None
+    replayed: bool = False
+
+
+@dataclass
+class KeyedLoad:
+    """Workers, one per user, each doing creates, renames, toggles and deletes of its own tasks
+    in turn, every write with a fresh key and retried with it (503, 409, or the request failing
+    on the wire) until it succeeds. Nothing is ever left in doubt: afterwards each task must be
+    exactly what its writes, each applied once and in order, make of it."""
+
+    base_url: str
+    users: list[str]
+    token_for: Callable[[str], str]
+    give_up_after: float = 30.0
+    writes: list[KeyedWrite] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> "KeyedLoad":
+        for user_id in self.users:
+            thread = threading.Thread(target=self._work, args=(user_id,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=90)
+        assert not any(t.is_alive() for t in self._threads), "a client hung"
+
+    def _work(self, user_id: str) -> None:
+        rng = random.Random(f"keyed-{user_id}")
+        headers = {"Authorization": f"Bearer {self.token_for(user_id)}"}
+        base = f"{self.base_url}/api/{user_id}/tasks"
+        live: list[int] = []
+        with httpx.Client(headers=headers, timeout=15) as client:
+            while not self._stop.is_set():
+                roll = rng.random()
+                if not live or roll < 0.3:
+                    title = f"k-{uuid.uuid4().hex}"
+                    write = self._write(client, user_id, "create", None, title, "POST", base)
+                    live.append(write.body["id"])
+                    continue
+                task_id = rng.choice(live)
+                if roll < 0.6:
+                    title = f"k-{uuid.uuid4().hex}"
+                    self._write(
+                        client, user_id, "rename", task_id, title, "PATCH", f"{base}/{task_id}"
+                    )
+                elif roll < 0.9:
+                    self._write(
+                        client,
+                        user_id,
+                        "toggle",
+                        task_id,
+                        None,
+                        "PATCH",
+                        f"{base}/{task_id}/complete",
+                    )
+                else:
+                    self._write(
+                        client, user_id, "delete", task_id, None, "DELETE", f"{base}/{task_id}"
+                    )
+                    live.remove(task_id)
+
+    def _write(
+        self,
+        client: httpx.Client,
+        user_id: str,
+        op: str,
+        task_id: int | None,
+        title: str | None,
+        method: str,
+        url: str,
+    ) -> KeyedWrite:
+        write = KeyedWrite(user_id, op, task_id, title, key=str(uuid.uuid4()))
+        with self._lock:
+            self.writes.append(write)
+        body = {"title": title} if title is not None else None
+        deadline = time.monotonic() + self.give_up_after
+        delay = 0.05
+        while True:
+            started = time.monotonic()
+            try:
+                response = client.request(
+                    method, url, json=body, headers={"Idempotency-Key": write.key}
+                )
+            except httpx.TransportError as exc:
+                write.tries.append((type(exc).__name__, started, time.monotonic()))
+            else:
+                write.tries.append((response.status_code, started, time.monotonic()))
+                if response.status_code in (200, 201):
+                    write.status, write.body = response.status_code, response.json()
+                    write.replayed = response.headers.get("Idempotent-Replayed") == "true"
+                    return write
+                assert response.status_code in (409, 503), (response.status_code, response.text)
+            assert time.monotonic() < deadline, f"a write never succeeded: {write}"
+            time.sleep(delay)  # capped backoff (Retry-After says 2 s; the test is in a hurry)
+            delay = min(delay * 2, 0.4)
+
+
+def check_each_write_once(load: KeyedLoad, engine: Engine) -> dict[str, int]:
+    """Replays each user's writes, in the order that user made them, over an empty table, and
+    compares the result with the database: any write applied twice (a second task, a toggle
+    flipped back) or not at all shows. Returns the figures."""
+    writes = load.writes
+    assert writes, "the load made no writes"
+    expected: dict[int, tuple[str, str, bool]] = {}
+    for write in writes:  # per user in order; users' tasks never meet
+        assert write.status in (200, 201), write
+        if write.op == "create":
+            assert write.status == 201
+            task_id = write.body["id"]
+            assert task_id not in expected
+            assert write.title is not None
+            expected[task_id] = (write.user_id, write.title, False)
+            continue
+        assert write.task_id is not None
+        assert write.body["id"] == write.task_id
+        owner, title, completed = expected[write.task_id]
+        if write.op == "rename":
+            assert write.title is not None
+            expected[write.task_id] = (owner, write.title, completed)
+        elif write.op == "toggle":
+            expected[write.task_id] = (owner, title, not completed)
+        else:
+            del expected[write.task_id]
+        if not write.replayed:  # a replay is the first answer, not the state now
+            assert (write.body["title"], write.body["completed"]) == (
+                (title, completed) if write.op == "delete" else expected[write.task_id][1:]
+            )
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT id, user_id, title, completed FROM tasks WHERE user_id = ANY(:users)"),
+            {"users": load.users},
+        ).all()
+        keys = connection.execute(
+            text("SELECT count(*) FROM idempotency_keys WHERE user_id = ANY(:users)"),
+            {"users": load.users},
+        ).scalar_one()
+    assert {row.id: (row.user_id, row.title, row.completed) for row in rows} == expected
+    assert keys == len(writes)  # every write recorded its key, exactly once
+    tries = [t for w in writes for t in w.tries]
+    return {
+        "writes": len(writes),
+        "requests": len(tries),
+        "retried_writes": sum(len(w.tries) > 1 for w in writes),
+        "503": sum(status == 503 for status, _s, _e in tries),
+        "409": sum(status == 409 for status, _s, _e in tries),
+        "transport_errors": sum(isinstance(status, str) for status, _s, _e in tries),
+        "replayed": sum(w.replayed for w in writes),
+        "most_tries": max(len(w.tries) for w in writes),
+        "in_doubt_left": 0,
+    }
+
+
+def test_keyed_writes_retried_through_cuts_and_kills_each_happen_exactly_once(
+    service, users, make_token, engine, capsys
+):
+    """The cut-and-kill test again, with clients doing what a frontend should: every write
+    under its own Idempotency-Key, retried with it until it succeeds. The writes that were
+    "in doubt" there (committed while their connection died) are answered here from the key's
+    record on the retry: none is lost, none applied twice, none left to guess about."""
+    with KeyedLoad(service.url, users, make_token) as load:
+        time.sleep(1.0)
+        for _ in range(4):
+            service.proxy.cut()
+            time.sleep(0.6)
+            kill_backends(engine, service.application_name)
+            time.sleep(0.6)
+        time.sleep(1.5)
+    figures = check_each_write_once(load, engine)
+    assert figures["writes"] > 50, figures
+    assert figures["retried_writes"] > 0, figures  # the faults did hit writes
+    report(capsys, "keyed writes through cuts and kills:", figures)
+
+
+def test_keyed_writes_held_and_killed_mid_statement_are_retried_once(
+    start_service, users, make_token, engine
+):
+    """The connection-killed-mid-query case with a key: the 503 is retried with the same key
+    and the write happens once. Then the case a 503 alone cannot settle: the write committed
+    but its answer never came; the retry gets the stored answer, not a second task."""
+    service = start_service(DB_STATEMENT_TIMEOUT_MS=20_000)
+    user_id = users[0]
+    headers = {"Authorization": f"Bearer {make_token(user_id)}", "Idempotency-Key": "held"}
+    base = f"{service.url}/api/{user_id}/tasks"
+    with httpx.Client(headers=headers, timeout=30) as client:
+        blocker = engine.connect()
+        transaction = blocker.begin()
+        blocker.execute(text('SELECT 1 FROM "user" WHERE id = :id FOR UPDATE'), {"id": user_id})
+        answer: dict[str, Any] = {}
+        sender = threading.Thread(
+            target=lambda: answer.update(r=client.post(base, json={"title": "once"}))
+        )
+        sender.start()
+        try:
+            waiting = _wait_for_lock_waiter(engine, service.application_name)
+            with engine.connect() as admin:
+                admin.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": waiting})
+            sender.join(timeout=15)
+        finally:
+            transaction.rollback()
+            blocker.close()
+        assert answer["r"].status_code == 503
+        retried = client.post(base, json={"title": "once"})
+        assert retried.status_code == 201
+        assert "idempotent-replayed" not in retried.headers  # the first never committed
+        # The answer lost after the commit: the client retries what it cannot know succeeded.
+        lost = client.post(base, json={"title": "once"})
+        assert lost.status_code == 201
+        assert lost.headers["Idempotent-Replayed"] == "true"
+        assert lost.content == retried.content
+    with engine.connect() as connection:
+        titles = (
+            connection.execute(text("SELECT title FROM tasks WHERE user_id = :u"), {"u": user_id})
+            .scalars()
+            .all()
+        )
+    assert titles == ["once"]

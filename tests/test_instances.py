@@ -97,7 +97,7 @@ def test_instances_started_together_on_an_empty_database_all_serve(
             tables = connection.execute(
                 text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
             ).scalars()
-            assert list(tables) == ["alembic_version", "tasks", "user"]
+            assert list(tables) == ["alembic_version", "idempotency_keys", "tasks", "user"]
     finally:
         engine.dispose()
 

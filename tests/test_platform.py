@@ -137,8 +137,10 @@ def test_schema_bootstrap_is_idempotent_and_exact(engine, settings):
         "completed": ("boolean", None, "NO"),
         "created_at": ("timestamp with time zone", None, "NO"),
         "updated_at": ("timestamp with time zone", None, "NO"),
+        "version": ("integer", None, "NO"),
     }
     defaults = {c.column_name: c.column_default for c in columns}
+    assert defaults["version"] == "1"
     assert defaults["id"].startswith("nextval(")
     assert defaults["completed"] == "false"
     assert defaults["created_at"] == defaults["updated_at"] == "now()"

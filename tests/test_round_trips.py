@@ -85,3 +85,43 @@ def test_each_operation_is_one_statement_committed_on_its_own(
                 text("SELECT count(*) FROM tasks WHERE id = :id"), {"id": created["id"]}
             ).scalar_one()
         assert left == 0
+
+
+def test_a_keyed_or_conditional_write_is_still_one_statement(
+    settings: Settings,
+    serving_engine: Engine,
+    statements: list[tuple[str, bool]],
+    committed_user: str,
+    make_token: Any,
+) -> None:
+    """The key is recorded in the write's own statement (a CTE), and If-Match is part of its
+    WHERE clause: still one round trip. A replay costs two (the refused write, then reading
+    the stored answer); a 412 two (the write that matched nothing, then whether the task is
+    there at all). Those happen only to retries and to stale tags."""
+    auth = {"Authorization": f"Bearer {make_token(committed_user)}"}
+    base = f"/api/{committed_user}/tasks"
+    with TestClient(create_app(settings, engine=serving_engine)) as client:
+
+        def call(method: str, path: str, headers: dict[str, str], **kwargs: Any) -> Any:
+            statements.clear()
+            response = client.request(method, base + path, headers={**auth, **headers}, **kwargs)
+            return response, [verb for verb, _autocommit in statements]
+
+        created, sent = call("POST", "", {"Idempotency-Key": "rt-1"}, json={"title": "t"})
+        assert (created.status_code, sent) == (201, ["WITH"])
+        task = f"/{created.json()['id']}"
+        for method, path, headers, body in [
+            ("PUT", task, {"Idempotency-Key": "rt-2", "If-Match": '"1"'}, {"title": "u"}),
+            ("PATCH", task, {"If-Match": '"2"'}, {"title": "v"}),
+            ("PATCH", task + "/complete", {"Idempotency-Key": "rt-3"}, None),
+            ("GET", task, {"If-None-Match": '"4"'}, None),
+        ]:
+            response, sent = call(method, path, headers, json=body)
+            assert response.status_code in (200, 304), (method, path, response.text)
+            assert len(sent) == 1, (method, path, sent)
+        replay, sent = call("POST", "", {"Idempotency-Key": "rt-1"}, json={"title": "t"})
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        assert sent == ["WITH", "SELECT"]
+        stale, sent = call("PATCH", task, {"If-Match": '"1"'}, json={"title": "w"})
+        assert (stale.status_code, sent) == (412, ["UPDATE", "SELECT"])
+        assert all(autocommit for _verb, autocommit in statements)

@@ -31,11 +31,15 @@ class ErrorDetail(BaseModel):
 
 
 _DESCRIPTIONS = {
+    400: "A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written.",
     401: "Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`).",
     403: "The token belongs to a different user than the one in the path.",
     404: "No such task for this user (also for ids that are not positive integers).",
+    409: "A request with the same `Idempotency-Key` is still in flight; retry shortly.",
+    412: "`If-Match` names none of the task's current tags: it changed; nothing written.",
     413: "Request body too large.",
-    422: "The request body or query is invalid; `detail` lists each problem.",
+    422: "The request body or query is invalid, or its `Idempotency-Key` was used for a "
+    "different request; `detail` lists each problem.",
     503: "The database is unavailable; retry after `Retry-After` seconds.",
 }
 

@@ -6,7 +6,8 @@
 //
 // Environment: DATABASE_URL, BETTER_AUTH_SECRET, BETTER_AUTH_URL (its base URL, also the
 // JWT plugin's iss and aud), PORT (default 3000), API_URL (the task API, for the test page),
-// EXTRA_PORT (optional: the same test page on a second port, a different origin).
+// EXTRA_PORT (optional: the same test page on a second port, a different origin), CLIENT_JS
+// (optional: the compiled TypeScript client, served to the test page as /client.js).
 import { readFile } from "node:fs/promises";
 import http from "node:http";
 
@@ -70,6 +71,12 @@ async function page(req, res) {
   send(res, 200, html.replace("__API_URL__", env("API_URL")), "text/html; charset=utf-8");
 }
 
+async function clientModule(req, res) {
+  const path = process.env.CLIENT_JS;
+  if (!path) return send(res, 404, { error: "CLIENT_JS is not set" });
+  send(res, 200, await readFile(path, "utf8"), "text/javascript; charset=utf-8");
+}
+
 function handle(req, res) {
   const path = new URL(req.url, "http://x").pathname;
   const respond = path.startsWith("/api/auth/")
@@ -78,7 +85,9 @@ function handle(req, res) {
       ? hs256Token(req, res)
       : path === "/" || path === "/index.html"
         ? page(req, res)
-        : send(res, 404, { error: "not found" });
+        : path === "/client.js"
+          ? clientModule(req, res)
+          : send(res, 404, { error: "not found" });
   Promise.resolve(respond).catch((error) => {
     console.error(error);
     if (!res.headersSent) send(res, 500, { error: String(error) });

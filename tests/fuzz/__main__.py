@@ -123,7 +123,12 @@ def main(argv: list[str]) -> int:
             os.environ.get("FUZZ_MAX_TIME", "120"),
             *argv,
         ]
-        env_run = {**os.environ, "FUZZ_USER_ID": USER_ID}
+        env_run = {
+            **os.environ,
+            "FUZZ_USER_ID": USER_ID,
+            "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
         result = subprocess.run(command, cwd=workdir, env=env_run, check=False)  # noqa: S603
         errors = _logged_errors(log_path)
         if errors:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from conftest import ROOT, TEST_SECRET, _server_url
 
 NODE_PROJECT = ROOT / "interop" / "better-auth"
+CLIENT = ROOT / "clients" / "typescript"
 REQUIRED = os.environ.get("INTEROP_REQUIRED") == "1"
 ORDERS = ("better-auth-migrates-first", "service-starts-first")
 FRONTEND_PORT = 3000  # the frontend's origin in production-like CORS settings
@@ -52,6 +53,23 @@ def node() -> str:
             [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_PROJECT, check=True, timeout=600
         )
     return node
+
+
+@pytest.fixture(scope="session")
+def compiled_client(node: str, tmp_path_factory: Any) -> Path:
+    """The TypeScript client compiled with its pinned tsc: its `index.js` (an ES module)."""
+    if not (CLIENT / "node_modules" / "typescript").is_dir():
+        npm = require_tool("npm", "installing the client's build tools needs npm")
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT, check=True, timeout=600)
+    out = tmp_path_factory.mktemp("client-dist")
+    tsc = CLIENT / "node_modules" / "typescript" / "bin" / "tsc"
+    subprocess.run(  # noqa: S603 - our own argv
+        [node, str(tsc), "--outDir", str(out), "--declaration", "false"],
+        cwd=CLIENT,
+        check=True,
+        timeout=120,
+    )
+    return out / "index.js"
 
 
 def free_port() -> int:
@@ -191,7 +209,9 @@ def _node_database_url(url: str) -> str:
 
 
 @pytest.fixture(scope="package", params=ORDERS)
-def stack(request: pytest.FixtureRequest, node: str, tmp_path_factory: Any) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, node: str, compiled_client: Path, tmp_path_factory: Any
+) -> Iterator[Stack]:
     order = request.param
     logs = tmp_path_factory.mktemp(f"interop-{order}")
     database_url, handle = _database(_server_url())
@@ -208,6 +228,7 @@ def stack(request: pytest.FixtureRequest, node: str, tmp_path_factory: Any) -> I
         "PORT": str(auth_port),
         "EXTRA_PORT": str(other_port),
         "API_URL": api_url,
+        "CLIENT_JS": str(compiled_client),  # the page imports the TypeScript client from here
     }
     better_auth = Process(
         "better-auth",

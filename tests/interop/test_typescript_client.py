@@ -1,35 +1,20 @@
 """The TypeScript client (clients/typescript/), compiled with its pinned tsc, drives the live API
-with a Better Auth JWT: all six operations, and each error surfaces as an ApiError."""
+with a Better Auth JWT: all six operations, each error surfaces as an ApiError, writes whose
+answers are lost or refused with a 503 are retried with their Idempotency-Key and happen once,
+and ETags serve If-Match and conditional reads."""
 
 import json
 import os
 import subprocess
 from pathlib import Path
 
-from conftest import ROOT
-from tests.interop.conftest import Frontend, Stack, require_tool
-
-CLIENT = ROOT / "clients" / "typescript"
-
-
-def compile_client(node: str, out: Path) -> Path:
-    if not (CLIENT / "node_modules" / "typescript").is_dir():
-        npm = require_tool("npm", "installing the client's build tools needs npm")
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLIENT, check=True, timeout=600)
-    tsc = CLIENT / "node_modules" / "typescript" / "bin" / "tsc"
-    subprocess.run(  # noqa: S603 - our own argv
-        [node, str(tsc), "--outDir", str(out), "--declaration", "false"],
-        cwd=CLIENT,
-        check=True,
-        timeout=120,
-    )
-    return out / "index.js"
+from tests.interop.conftest import Frontend, Stack
 
 
 def test_the_typescript_client_drives_the_real_api(
-    stack: Stack, frontend: Frontend, node: str, tmp_path: Path
+    stack: Stack, frontend: Frontend, node: str, compiled_client: Path
 ):
-    client = compile_client(node, tmp_path / "dist")
+    client = compiled_client
     account = frontend.sign_up("Client")
     token = frontend.token(account, "jwt-plugin")
     result = subprocess.run(  # noqa: S603
@@ -75,3 +60,24 @@ def test_the_typescript_client_drives_the_real_api(
     assert seen["forbidden"]["status"] == 403
     assert seen["unauthenticated"]["status"] == 401
     assert seen["unauthenticated"]["detail"] == "Malformed token"
+
+    # Writes whose answers were lost, and a 503: retried with their key, each happened once.
+    retried = seen["retried"]
+    assert (retried["replayed"], retried["etag"]) == (True, '"1"')
+    assert retried["titles"] == ["once, despite a lost answer"]
+    assert retried["toggled"] == {"completed": True, "replayed": True}
+    assert retried["deleted"] == {"id": True, "replayed": True}
+    assert (retried["keys"], retried["distinctKeys"]) == (7, 3)  # 2 + 2 + (503, lost, replay)
+    assert retried["left"] == []
+
+    # Concurrent edits and conditional reads.
+    assert seen["etags"] == {"created": '"1"', "got": '"1"', "afterEdit": '"2"'}
+    assert seen["stale"] == {
+        "status": 412,
+        "detail": "The task has changed since the ETag in If-Match was read; "
+        "get it again and retry",
+    }
+    assert seen["sameWhileUnchanged"] is True
+    assert seen["listSameWhileUnchanged"] is True
+    assert seen["afterToggle"] == {"same": False, "completed": True, "etag": '"3"'}
+    assert seen["listAfterToggle"] is False

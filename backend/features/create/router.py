@@ -8,6 +8,7 @@ from backend.features.task_model import TaskRead, task_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import database_of
 from backend.platform.errors import error_responses
+from backend.platform.guarded import accepts
 
 router = tasks_router()
 
@@ -19,6 +20,7 @@ router = tasks_router()
     summary="Create a task",
     responses=error_responses(413),
 )
+@accepts(idempotency_key=True)
 async def create(body: TaskCreate, user: CurrentUser, request: Request) -> Response:
     """Create a task owned by the signed-in user; committed before the 201 is sent."""
     db = database_of(request)

@@ -9,11 +9,13 @@ from backend.features.list.schema import StatusFilter
 from backend.features.task_model import TaskRead, tasks_response, tasks_router
 from backend.platform.auth import CurrentUser
 from backend.platform.db import database_of
+from backend.platform.guarded import accepts
 
 router = tasks_router()
 
 
 @router.get("", response_model=list[TaskRead], summary="List tasks")
+@accepts(if_none_match=True)
 async def list_(
     user: CurrentUser,
     request: Request,

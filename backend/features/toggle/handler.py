@@ -1,12 +1,13 @@
 """Toggle: flip `completed` in one atomic UPDATE, so concurrent toggles never lose a flip."""
 
-from sqlalchemy import func, not_, update
+from sqlalchemy import not_, update
 from sqlmodel import Session
 
 from backend.features.task_model import (
     OWNED_BY_CALLER,
     TASK_COLUMNS,
     TASKS,
+    TOUCHED,
     TaskRead,
     owner_params,
 )
@@ -16,7 +17,7 @@ from backend.platform.errors import TaskNotFoundError
 TOGGLE_TASK = (
     update(TASKS)
     .where(*OWNED_BY_CALLER)
-    .values(completed=not_(TASKS.c.completed), updated_at=func.clock_timestamp())
+    .values(completed=not_(TASKS.c.completed), **TOUCHED)
     .returning(*TASK_COLUMNS)
 )
 

@@ -7,11 +7,13 @@ from backend.features.toggle.handler import toggle_task
 from backend.features.toggle.schema import TaskRead
 from backend.platform.auth import CurrentUser
 from backend.platform.db import database_of
+from backend.platform.guarded import accepts
 
 router = tasks_router()
 
 
 @router.patch("/{task_id}/complete", response_model=TaskRead, summary="Toggle completion")
+@accepts(idempotency_key=True, if_match=True)
 async def toggle(task_id: TaskId, user: CurrentUser, request: Request) -> Response:
     """Flip the task between pending and completed; no body needed."""
     db = database_of(request)

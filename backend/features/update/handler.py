@@ -3,13 +3,14 @@
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Update, bindparam, func, select, update
+from sqlalchemy import Update, bindparam, select, update
 from sqlmodel import Session
 
 from backend.features.task_model import (
     OWNED_BY_CALLER,
     TASK_COLUMNS,
     TASKS,
+    TOUCHED,
     TaskRead,
     owner_params,
 )
@@ -25,7 +26,7 @@ def _update_statement(fields: frozenset[str]) -> Update:
         update(TASKS)
         .where(*OWNED_BY_CALLER)
         .values({name: bindparam(f"new_{name}") for name in sorted(fields)})
-        .values(updated_at=func.clock_timestamp())
+        .values(TOUCHED)
         .returning(*TASK_COLUMNS)
     )
 

@@ -8,6 +8,7 @@ from backend.features.update.schema import TaskPatch, TaskReplace
 from backend.platform.auth import CurrentUser
 from backend.platform.db import database_of
 from backend.platform.errors import error_responses
+from backend.platform.guarded import accepts
 
 router = tasks_router()
 
@@ -15,6 +16,7 @@ router = tasks_router()
 @router.put(
     "/{task_id}", response_model=TaskRead, summary="Replace a task", responses=error_responses(413)
 )
+@accepts(idempotency_key=True, if_match=True)
 async def replace(
     task_id: TaskId, body: TaskReplace, user: CurrentUser, request: Request
 ) -> Response:
@@ -28,6 +30,7 @@ async def replace(
 @router.patch(
     "/{task_id}", response_model=TaskRead, summary="Edit a task", responses=error_responses(413)
 )
+@accepts(idempotency_key=True, if_match=True)
 async def patch(task_id: TaskId, body: TaskPatch, user: CurrentUser, request: Request) -> Response:
     """Change only the fields sent; an empty body changes nothing."""
     db = database_of(request)

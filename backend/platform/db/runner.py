@@ -304,5 +304,11 @@ def database_of(request: Request) -> Database:
 
     Routes take `request: Request` and call this rather than declaring a `Depends`: FastAPI
     passes the request for free, while each dependency it resolves costs about 5% of the CPU
-    of a request (measured on `get`: 1.731 M -> 1.644 M instructions without one)."""
-    return request.app.state.database  # type: ignore[no-any-return]
+    of a request (measured on `get`: 1.731 M -> 1.644 M instructions without one).
+
+    A request carrying `Idempotency-Key` or `If-Match` on a route that honours them gets the
+    database through its guard (`backend.platform.guarded`), which rewrites the statement."""
+    guard = request.scope.get("todo.write_guard")
+    if guard is None:
+        return request.app.state.database  # type: ignore[no-any-return]
+    return guard.around(request.app.state.database)  # type: ignore[no-any-return]

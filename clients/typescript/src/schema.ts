@@ -250,7 +250,10 @@ export interface operations {
                 /** @description Which tasks: all (default), pending or completed. */
                 status?: components["schemas"]["StatusFilter"];
             };
-            header?: never;
+            header?: {
+                /** @description The `ETag` you hold: 304 with no body while it is still current. */
+                "If-None-Match"?: string;
+            };
             path: {
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
@@ -262,11 +265,20 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"][];
                 };
+            };
+            /** @description Not modified: the `If-None-Match` tag is still current. */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
             401: {
@@ -295,7 +307,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -316,7 +328,10 @@ export interface operations {
     create_api__user_id__tasks_post: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Makes the write safe to retry: 1 to 255 visible ASCII characters, unique per intended write (a UUID). A retry with the same key and the same request within 24 hours gets the first answer again, with `Idempotent-Replayed: true`, and has no second effect. */
+                "Idempotency-Key"?: string;
+            };
             path: {
                 /** @description The signed-in user's id: the token's `sub`. */
                 user_id: string;
@@ -332,10 +347,23 @@ export interface operations {
             /** @description Successful Response */
             201: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
+                    /** @description `true` when this is the stored answer to an earlier request with the same `Idempotency-Key`. */
+                    "Idempotent-Replayed"?: "true";
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
+                };
+            };
+            /** @description A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
@@ -365,6 +393,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
+            /** @description A request with the same `Idempotency-Key` is still in flight; retry shortly. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
             /** @description Request body too large. */
             413: {
                 headers: {
@@ -374,7 +411,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -395,7 +432,10 @@ export interface operations {
     get_api__user_id__tasks__task_id__get: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description The `ETag` you hold: 304 with no body while it is still current. */
+                "If-None-Match"?: string;
+            };
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
                 task_id: number;
@@ -409,11 +449,20 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
                 };
+            };
+            /** @description Not modified: the `If-None-Match` tag is still current. */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
             401: {
@@ -442,7 +491,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -463,7 +512,12 @@ export interface operations {
     replace_api__user_id__tasks__task_id__put: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Makes the write safe to retry: 1 to 255 visible ASCII characters, unique per intended write (a UUID). A retry with the same key and the same request within 24 hours gets the first answer again, with `Idempotent-Replayed: true`, and has no second effect. */
+                "Idempotency-Key"?: string;
+                /** @description Write only if the task's current `ETag` is one of these (or `*`: if it exists); otherwise 412 and nothing changes. */
+                "If-Match"?: string;
+            };
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
                 task_id: number;
@@ -481,10 +535,23 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
+                    /** @description `true` when this is the stored answer to an earlier request with the same `Idempotency-Key`. */
+                    "Idempotent-Replayed"?: "true";
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
+                };
+            };
+            /** @description A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
@@ -514,6 +581,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
+            /** @description A request with the same `Idempotency-Key` is still in flight; retry shortly. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description `If-Match` names none of the task's current tags: it changed; nothing written. */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
             /** @description Request body too large. */
             413: {
                 headers: {
@@ -523,7 +608,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -544,7 +629,12 @@ export interface operations {
     delete_api__user_id__tasks__task_id__delete: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Makes the write safe to retry: 1 to 255 visible ASCII characters, unique per intended write (a UUID). A retry with the same key and the same request within 24 hours gets the first answer again, with `Idempotent-Replayed: true`, and has no second effect. */
+                "Idempotency-Key"?: string;
+                /** @description Write only if the task's current `ETag` is one of these (or `*`: if it exists); otherwise 412 and nothing changes. */
+                "If-Match"?: string;
+            };
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
                 task_id: number;
@@ -558,10 +648,23 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
+                    /** @description `true` when this is the stored answer to an earlier request with the same `Idempotency-Key`. */
+                    "Idempotent-Replayed"?: "true";
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
+                };
+            };
+            /** @description A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
@@ -591,7 +694,25 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description A request with the same `Idempotency-Key` is still in flight; retry shortly. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description `If-Match` names none of the task's current tags: it changed; nothing written. */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -612,7 +733,12 @@ export interface operations {
     patch_api__user_id__tasks__task_id__patch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Makes the write safe to retry: 1 to 255 visible ASCII characters, unique per intended write (a UUID). A retry with the same key and the same request within 24 hours gets the first answer again, with `Idempotent-Replayed: true`, and has no second effect. */
+                "Idempotency-Key"?: string;
+                /** @description Write only if the task's current `ETag` is one of these (or `*`: if it exists); otherwise 412 and nothing changes. */
+                "If-Match"?: string;
+            };
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
                 task_id: number;
@@ -630,10 +756,23 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
+                    /** @description `true` when this is the stored answer to an earlier request with the same `Idempotency-Key`. */
+                    "Idempotent-Replayed"?: "true";
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
+                };
+            };
+            /** @description A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
@@ -663,6 +802,24 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
+            /** @description A request with the same `Idempotency-Key` is still in flight; retry shortly. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description `If-Match` names none of the task's current tags: it changed; nothing written. */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
             /** @description Request body too large. */
             413: {
                 headers: {
@@ -672,7 +829,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;
@@ -693,7 +850,12 @@ export interface operations {
     toggle_api__user_id__tasks__task_id__complete_patch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description Makes the write safe to retry: 1 to 255 visible ASCII characters, unique per intended write (a UUID). A retry with the same key and the same request within 24 hours gets the first answer again, with `Idempotent-Replayed: true`, and has no second effect. */
+                "Idempotency-Key"?: string;
+                /** @description Write only if the task's current `ETag` is one of these (or `*`: if it exists); otherwise 412 and nothing changes. */
+                "If-Match"?: string;
+            };
             path: {
                 /** @description The task's id: a positive integer. Anything else is 404. */
                 task_id: number;
@@ -707,10 +869,23 @@ export interface operations {
             /** @description Successful Response */
             200: {
                 headers: {
+                    /** @description The representation's entity tag. */
+                    ETag?: string;
+                    /** @description `true` when this is the stored answer to an earlier request with the same `Idempotency-Key`. */
+                    "Idempotent-Replayed"?: "true";
                     [name: string]: unknown;
                 };
                 content: {
                     "application/json": components["schemas"]["TaskRead"];
+                };
+            };
+            /** @description A malformed `Idempotency-Key` (1 to 255 visible ASCII characters); nothing written. */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
             /** @description Missing, malformed, forged or expired bearer token (see `WWW-Authenticate`). */
@@ -740,7 +915,25 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorDetail"];
                 };
             };
-            /** @description The request body or query is invalid; `detail` lists each problem. */
+            /** @description A request with the same `Idempotency-Key` is still in flight; retry shortly. */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description `If-Match` names none of the task's current tags: it changed; nothing written. */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorDetail"];
+                };
+            };
+            /** @description The request body or query is invalid, or its `Idempotency-Key` was used for a different request; `detail` lists each problem. */
             422: {
                 headers: {
                     [name: string]: unknown;

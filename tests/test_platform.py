@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg2.extensions
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -511,8 +512,19 @@ def test_pool_is_sized_and_timed_from_settings(database_url):
         assert engine.pool._timeout == 1.5
         assert engine.pool._recycle == 120
         with engine.connect() as connection:
+            # Each statement carries the timeout, and the transaction it ran in ends it: the
+            # connection keeps no setting that a pooler would hand on to its other clients.
             assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"
-            assert connection.execute(text("SHOW TimeZone")).scalar_one() == "UTC"
+            assert (
+                connection.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+                == "1min"
+            )
+            connection.commit()
+            with connection.connection.dbapi_connection.cursor(
+                cursor_factory=psycopg2.extensions.cursor
+            ) as plain:
+                plain.execute("SHOW statement_timeout")
+                assert plain.fetchone() == ("0",)
     finally:
         engine.dispose()
 
@@ -578,8 +590,8 @@ def test_log_lines_from_concurrent_threads_never_share_a_line(client, capsys):
 
 
 def test_timestamps_are_answered_in_utc_whatever_the_connection_time_zone(session, task):
-    """Connections set their time zone to UTC, but a pooler in transaction mode (Neon's) may
-    hand out a server connection without that setting: tasks are still answered in UTC."""
+    """Connections keep the server's time zone (a session SET would leak through a pooler in
+    transaction mode, Neon's), whatever it is: tasks are still answered in UTC."""
     from sqlalchemy import select
 
     from backend.features.task_model import TASK_COLUMNS, TASKS, TaskRead

@@ -3,9 +3,11 @@
 import re
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The placeholder shipped in .env.example: copying the file without editing it must not start a
@@ -30,7 +32,13 @@ class Settings(BaseSettings):
 
     DATABASE_URL: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
-        description="PostgreSQL URL; postgres:// and postgresql:// both work, Neon URLs as given.",
+        description="PostgreSQL URL the requests use, pooled (Neon's -pooler host) or direct.",
+    )
+    # Neon and Vercel's names: DATABASE_URL is the pooled endpoint (PgBouncer in transaction
+    # mode), DATABASE_URL_UNPOOLED the direct one, for what needs a session of its own.
+    DATABASE_URL_UNPOOLED: str = Field(
+        default="",
+        description="Direct (unpooled) URL for migrations and session work; default DATABASE_URL.",
     )
     BETTER_AUTH_SECRET: str = Field(
         default="", description="Shared with Better Auth; verifies HS256 tokens. 32+ characters."
@@ -132,11 +140,21 @@ class Settings(BaseSettings):
             raise ValueError(f"AUTH_USER_TABLE {value!r} is not a plain SQL identifier")
         return value
 
-    @field_validator("DATABASE_URL")
+    @field_validator("DATABASE_URL", "DATABASE_URL_UNPOOLED")
     @classmethod
-    def _database_url_is_postgres(cls, value: str) -> str:
+    def _database_url_is_postgres(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "DATABASE_URL_UNPOOLED" and not value:
+            return value
         if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
-            raise ValueError("DATABASE_URL must be a postgres:// or postgresql:// URL")
+            raise ValueError(f"{info.field_name} must be a postgres:// or postgresql:// URL")
+        root_certificate = _query_parameter(value, "sslrootcert")
+        if root_certificate and root_certificate != "system":
+            if not Path(root_certificate).is_file():
+                raise ValueError(
+                    f"{info.field_name} names sslrootcert={root_certificate}, which does not "
+                    "exist (or is not a file): give the path of the CA certificate that signed "
+                    "the server's, as this process sees it"
+                )
         return value
 
     @model_validator(mode="after")
@@ -151,8 +169,17 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         """The URL for SQLAlchemy's psycopg2 dialect (Heroku/Neon style postgres:// included)."""
-        scheme, _, rest = self.DATABASE_URL.partition("://")
-        return f"postgresql+psycopg2://{rest}"
+        return _psycopg2_url(self.DATABASE_URL)
+
+    @property
+    def unpooled_url(self) -> str:
+        """The direct URL: DATABASE_URL_UNPOOLED, or DATABASE_URL when it is not set."""
+        return self.DATABASE_URL_UNPOOLED or self.DATABASE_URL
+
+    @property
+    def sqlalchemy_unpooled_url(self) -> str:
+        """`unpooled_url` for SQLAlchemy: what migrations and session-level work connect to."""
+        return _psycopg2_url(self.unpooled_url)
 
     @property
     def cors_origins(self) -> list[str]:
@@ -186,6 +213,16 @@ class Settings(BaseSettings):
         if self.LOG_FORMAT == "auto":
             return not sys.stdout.isatty()
         return self.LOG_FORMAT == "json"
+
+
+def _psycopg2_url(url: str) -> str:
+    _scheme, _, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}"
+
+
+def _query_parameter(url: str, name: str) -> str | None:
+    values = parse_qs(urlsplit(url).query).get(name)
+    return values[-1] if values else None
 
 
 @lru_cache

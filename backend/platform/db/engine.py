@@ -59,7 +59,7 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         pool_reset_on_return=None if autocommit else "rollback",
         isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
-            "connection_factory": _connection_class(
+            "connection_factory": connection_class(
                 connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS,
                 network_timeout=settings.DB_STATEMENT_TIMEOUT_MS / 1000
                 + settings.DB_CONNECT_TIMEOUT_SECONDS,
@@ -129,7 +129,7 @@ def statement_limits(statement_timeout_ms: int, *, transactional: bool) -> str:
     return limits
 
 
-def _connection_class(
+def connection_class(
     *, connect_timeout: float, network_timeout: float, statement_prefix: str
 ) -> type:
     """A psycopg2 connection class carrying this engine's deadlines for the wait callback, whose

@@ -229,3 +229,34 @@ def _wait_until_not_running(engine: Engine, marker: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the statement given up on still runs on the server ({marker})")
         time.sleep(0.05)
+
+
+def test_a_statement_queued_in_the_pooler_and_given_up_is_never_run(
+    direct_database_url: str, direct_engine: Engine, task_of: Callable[[str], int]
+) -> None:
+    """A pooler whose server connections are all taken queues the statement, where no
+    statement timeout runs; the service gives up at the network deadline, and the statement
+    must not be run once a server connection frees up."""
+    task_id = task_of("as it was")
+    psycopg2.extensions.set_wait_callback(wait_with_deadline)
+    deadlined = connection_class(connect_timeout=2, network_timeout=0.5, statement_prefix="")
+    with pgbouncer(direct_database_url, pool_size=1) as pooled:
+        holder = psycopg2.connect(pooled)  # takes the only server connection, in a transaction
+        connection = psycopg2.connect(pooled, connection_factory=deadlined)
+        connection.autocommit = True
+        try:
+            with holder.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            with (
+                pytest.raises(psycopg2.OperationalError, match="timed out after 0.5 s"),
+                connection.cursor() as cursor,
+            ):
+                cursor.execute("UPDATE tasks SET title = 'run late' WHERE id = %s", (task_id,))
+            holder.rollback()  # the server connection is free for whatever was queued
+            with holder.cursor() as cursor:
+                cursor.execute("SELECT 1")  # a round trip through the pooler after it
+            holder.rollback()
+        finally:
+            holder.close()
+            connection.close()
+    assert title_of(direct_engine, task_id) == "as it was"

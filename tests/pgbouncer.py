@@ -38,7 +38,7 @@ def pgbouncer(
     *,
     server_lifetime: int = 3,
     server_idle_timeout: int = 2,
-    pool_size: int = 40,
+    pool_size: int = 20,
 ) -> Iterator[str]:
     """Yield `upstream_url` (any database on that server) through a new PgBouncer."""
     upstream = make_url(upstream_url.replace("postgres://", "postgresql://", 1))

@@ -14,13 +14,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
 from tests.live_server import free_port
+from tests.tcp_proxy import TcpProxy
 
 RUN_AS = "postgres"
 
@@ -42,15 +43,21 @@ def pgbouncer(
 ) -> Iterator[str]:
     """Yield `upstream_url` (any database on that server) through a new PgBouncer."""
     upstream = make_url(upstream_url.replace("postgres://", "postgresql://", 1))
-    host = upstream.host or upstream.query["host"]  # a TCP host, or the Unix socket's directory
+    host, upstream_port = upstream.host, upstream.port or 5432
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="pgbouncer-") as directory:
+    with tempfile.TemporaryDirectory(prefix="pgbouncer-") as directory, ExitStack() as stack:
+        if host is None:
+            # The embedded server listens on a Unix socket in a directory only its own user
+            # may enter; PgBouncer (another user) reaches it through a TCP relay of ours.
+            relay = TcpProxy(_unix_socket(f"{upstream.query['host']}/.s.PGSQL.{upstream_port}"))
+            stack.callback(relay.close)
+            host, upstream_port = "127.0.0.1", relay.port
         work = Path(directory)
         user, password = upstream.username or "postgres", upstream.password or ""
         (work / "userlist.txt").write_text(f'"{user}" "{password}"\n')
         (work / "pgbouncer.ini").write_text(
             "[databases]\n"
-            f"* = host={host} port={upstream.port or 5432}\n"
+            f"* = host={host} port={upstream_port}\n"
             "[pgbouncer]\n"
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {port}\n"
@@ -86,6 +93,16 @@ def pgbouncer(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _unix_socket(path: str) -> Callable[[], socket.socket]:
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(path)
+        return sock
+
+    return connect
 
 
 def _wait_until_listening(process: subprocess.Popen[str], port: int, log: Path) -> None:

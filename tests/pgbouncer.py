@@ -72,6 +72,8 @@ def pgbouncer(
             f"server_idle_timeout = {server_idle_timeout}\n"
             # Managed poolers answer a client that waits for a server within a bound too.
             "query_wait_timeout = 30\n"
+            # A refused login (the server full for a moment) is retried after 1 s, not 15.
+            "server_login_retry = 1\n"
         )
         command = [pgbouncer_binary(), str(work / "pgbouncer.ini")]
         if os.geteuid() == 0:

@@ -15,6 +15,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import DataError
 from sqlalchemy.util import greenlet_spawn
 
 from backend.main import create_app
@@ -260,3 +261,29 @@ def test_a_statement_queued_in_the_pooler_and_given_up_is_never_run(
             holder.close()
             connection.close()
     assert title_of(direct_engine, task_id) == "as it was"
+
+
+def test_statements_the_limits_must_not_precede_still_work(
+    settings: Settings, direct_database_url: str
+) -> None:
+    """Rolling back to a savepoint after an error (where any other statement is refused) and a
+    named cursor's statement (which psycopg2 wraps in DECLARE) are sent without the limits,
+    and work; everything else carries them, the transaction's settings included."""
+    engine = build_engine(
+        settings.model_copy(
+            update={"DATABASE_URL": direct_database_url, "DB_STATEMENT_TIMEOUT_MS": 4321}
+        )
+    )
+    try:
+        with engine.connect() as connection, connection.begin():
+            savepoint = connection.begin_nested()
+            with pytest.raises(DataError, match="division by zero"):
+                connection.execute(text("SELECT 1 / 0"))
+            savepoint.rollback()
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "4321ms"
+            dbapi_connection = connection.connection.dbapi_connection
+            with dbapi_connection.cursor(name="server_side") as cursor:
+                cursor.execute("SELECT generate_series(1, 3)")
+                assert cursor.fetchall() == [(1,), (2,), (3,)]
+    finally:
+        engine.dispose()

@@ -74,6 +74,7 @@ def pgbouncer(
             "query_wait_timeout = 30\n"
             # A refused login (the server full for a moment) is retried after 1 s, not 15.
             "server_login_retry = 1\n"
+            f"admin_users = {user}\n"
         )
         command = [pgbouncer_binary(), str(work / "pgbouncer.ini")]
         if os.geteuid() == 0:

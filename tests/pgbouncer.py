@@ -82,9 +82,9 @@ def pgbouncer(
             for path in [work, *work.iterdir()]:
                 os.chown(path, account.pw_uid, account.pw_gid)
             command += ["-u", RUN_AS]
-        process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        # Its log goes to the log file; not to a pipe nobody reads, which once full would stop
+        # PgBouncer dead in its next write (it logs every connection).
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_until_listening(process, port, work / "pgbouncer.log")
             pooled = upstream.set(host="127.0.0.1", port=port).difference_update_query(["host"])
@@ -108,12 +108,11 @@ def _unix_socket(path: str) -> Callable[[], socket.socket]:
     return connect
 
 
-def _wait_until_listening(process: subprocess.Popen[str], port: int, log: Path) -> None:
+def _wait_until_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            detail = (process.stderr.read() if process.stderr else "") + _read(log)
-            raise RuntimeError(f"pgbouncer exited with {process.returncode}: {detail}")
+            raise RuntimeError(f"pgbouncer exited with {process.returncode}: {_read(log)}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return

@@ -3,7 +3,8 @@ rolled-back session per test, an HTTP client on the app, factories and tokens.
 
 The database: `TEST_DATABASE_URL` when set (any PostgreSQL the URL's user may create databases
 on), else an embedded PostgreSQL (pgserver) kept in `.pgdata/test`. Either way each run works in
-a throwaway database, created here and dropped at the end.
+a throwaway database, created here and dropped at the end. With TEST_DATABASE_POOLER=pgbouncer
+the service (and the tests' sessions) reach it through a PgBouncer in transaction mode.
 """
 
 import logging
@@ -29,6 +30,7 @@ from backend.platform.db.migrate import upgrade_to_head
 from tests.factories import TaskFactory, UserFactory, bind_factories
 from tests.in_test_transaction import serve_in_session, stop_serving_in_session
 from tests.live_server import serve
+from tests.pgbouncer import pgbouncer
 
 ROOT = Path(__file__).resolve().parent
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -48,7 +50,24 @@ def _server_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def database_url(direct_database_url: str) -> Iterator[str]:
+    """The URL the service is given: the test database itself, or, with
+    TEST_DATABASE_POOLER=pgbouncer, the same database through a PgBouncer in transaction mode
+    that recycles its server connections every few seconds (Neon's pooled endpoint, as far as
+    the service can tell). Creating and dropping the database stays direct."""
+    pooler = os.environ.get("TEST_DATABASE_POOLER", "")
+    if not pooler:
+        yield direct_database_url
+        return
+    if pooler != "pgbouncer":
+        raise pytest.UsageError(f"TEST_DATABASE_POOLER={pooler!r}: only 'pgbouncer' is known")
+    with pgbouncer(direct_database_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def direct_database_url() -> Iterator[str]:
+    """A throwaway database on the test server, reached directly (never through a pooler)."""
     server = make_url(_server_url().replace("postgres://", "postgresql://", 1))
     name = f"todo_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(
@@ -65,10 +84,11 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str) -> Settings:
+def settings(database_url: str, direct_database_url: str) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         DATABASE_URL=database_url,
+        DATABASE_URL_UNPOOLED="" if database_url == direct_database_url else direct_database_url,
         BETTER_AUTH_SECRET=TEST_SECRET,
         LOG_FORMAT="json",
         LOG_LEVEL="INFO",

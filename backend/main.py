@@ -26,6 +26,7 @@ from backend.platform.auth import TokenVerifier, document_bearer_auth
 from backend.platform.config import Settings, get_settings
 from backend.platform.db import Database, build_engine, close_pool, wait_for_database
 from backend.platform.db.migrate import StartupRefused, prepare_schema
+from backend.platform.db.reachable import DatabaseUnreachable, refuse_unless_reachable
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
 from backend.platform.idempotency import expire_keys_forever
@@ -158,10 +159,16 @@ def mount_routes(app: FastAPI, router: APIRouter) -> None:
 
 def _app_from_environment() -> FastAPI:
     try:
-        return create_app()
+        settings = get_settings()
+        if settings.DATABASE_URL_UNPOOLED:
+            refuse_unless_reachable(settings)
+        return create_app(settings)
     except ValidationError as exc:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         sys.stderr.write(f"Refusing to start: the settings are not safe to run with:\n{problems}\n")
+        raise SystemExit(2) from None
+    except DatabaseUnreachable as exc:
+        sys.stderr.write(f"Refusing to start: {exc}\n")
         raise SystemExit(2) from None
 
 

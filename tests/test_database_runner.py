@@ -26,9 +26,15 @@ from backend.platform.logging import configure_logging
 
 
 @pytest.fixture
-def serving_engine(settings):
+def serving_engine(settings, direct_database_url):
+    """Direct to the database even when the other tests go through a pooler: these tests tell
+    the sessions' connections apart by their server's pid and kill them by it, and through a
+    pooler that pid names whichever server connection the pooler lent, not the session's own."""
     engine = build_engine(
-        settings.model_copy(update={"DB_POOL_SIZE": 2, "DB_MAX_OVERFLOW": 0}), autocommit=True
+        settings.model_copy(
+            update={"DATABASE_URL": direct_database_url, "DB_POOL_SIZE": 2, "DB_MAX_OVERFLOW": 0}
+        ),
+        autocommit=True,
     )
     yield engine
     engine.dispose()

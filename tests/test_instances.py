@@ -10,9 +10,9 @@ Auth's own migration might, at that moment), which every instance's migration th
 directly or behind the migration lock; once all seven are waiting, it rolls back. Without the
 lock the seven would then create the same tables at once, and all but one would fail.
 
-Parametrised over how the instances reach the database (`instance_urls`): directly here; the
-same test runs through a transaction-mode pooler by adding a parameter that returns the
-pooler's URL for the empty database.
+Parametrised over how the instances reach the database (`instance_urls`): directly, and
+through a transaction-mode PgBouncer that recycles its server connections, with no
+DATABASE_URL_UNPOOLED, so that the migration itself goes through the pooler.
 """
 
 import time
@@ -26,6 +26,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from backend.platform.db.migrate import compared_objects, head_revisions, target_metadata
 from tests.live_server import free_port
+from tests.pgbouncer import pgbouncer
 from tests.service_processes import (
     empty_database,
     service_env,
@@ -40,15 +41,20 @@ SINGLE_INSTANCES = 3
 START_TIMEOUT = 120
 
 
-@pytest.fixture(params=["direct"])
-def instance_urls(request: pytest.FixtureRequest, database_url: str) -> Iterator[tuple[str, str]]:
+@pytest.fixture(params=["direct", "pooled"])
+def instance_urls(
+    request: pytest.FixtureRequest, direct_database_url: str
+) -> Iterator[tuple[str, str]]:
     """(the DATABASE_URL the instances get, a direct URL to inspect the result with), for a new
     empty database. A pooled parameter yields the pooler's URL for the same database as the
     first (and no DATABASE_URL_UNPOOLED, so that the migration itself goes through the pooler,
     whose pool must then hold the seven migrating connections at once)."""
-    with empty_database(database_url) as direct:
+    with empty_database(direct_database_url) as direct:
         if request.param == "direct":
             yield direct, direct
+        else:
+            with pgbouncer(direct) as pooled:
+                yield pooled, direct
 
 
 def test_instances_started_together_on_an_empty_database_all_serve(

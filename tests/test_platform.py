@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg2.extensions
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -516,15 +517,29 @@ def test_pool_is_sized_and_timed_from_settings(database_url):
         assert engine.pool.timeout() == 1.5
         assert engine.pool._recycle == 120
         with engine.connect() as connection:
+            # Each statement carries the timeout, and the transaction it ran in ends it: the
+            # connection keeps no setting that a pooler would hand on to its other clients.
             assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "1234ms"
-            assert connection.execute(text("SHOW TimeZone")).scalar_one() == "UTC"
+            assert (
+                connection.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+                == "1min"
+            )
+            connection.commit()
+            with connection.connection.dbapi_connection.cursor(
+                cursor_factory=psycopg2.extensions.cursor
+            ) as plain:
+                plain.execute("SHOW statement_timeout")
+                assert plain.fetchone() == ("0",)
     finally:
         engine.dispose()
 
 
-def test_connection_killed_while_idle_is_replaced_without_an_error(database_url):
+def test_connection_killed_while_idle_is_replaced_without_an_error(direct_database_url):
+    """Direct even when the suite runs through a pooler: there the pooler's server connection is
+    what gets killed, and noticing that is the pooler's job."""
     from backend.platform.db import build_engine
 
+    database_url = direct_database_url
     engine = build_engine(make_settings(DATABASE_URL=database_url, DB_POOL_SIZE=1))
     try:
         with engine.connect() as connection:
@@ -583,8 +598,8 @@ def test_log_lines_from_concurrent_threads_never_share_a_line(client, capsys):
 
 
 def test_timestamps_are_answered_in_utc_whatever_the_connection_time_zone(session, task):
-    """Connections set their time zone to UTC, but a pooler in transaction mode (Neon's) may
-    hand out a server connection without that setting: tasks are still answered in UTC."""
+    """Connections keep the server's time zone (a session SET would leak through a pooler in
+    transaction mode, Neon's), whatever it is: tasks are still answered in UTC."""
     from sqlalchemy import select
 
     from backend.features.task_model import TASK_COLUMNS, TASKS, TaskRead

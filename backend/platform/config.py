@@ -3,7 +3,9 @@
 import re
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,11 +36,13 @@ class Settings(BaseSettings):
 
     DATABASE_URL: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/postgres",
-        description="PostgreSQL URL; postgres:// and postgresql:// both work, Neon URLs as given.",
+        description="PostgreSQL URL the requests use, pooled (Neon's -pooler host) or direct.",
     )
+    # Neon and Vercel's names: DATABASE_URL is the pooled endpoint (PgBouncer in transaction
+    # mode), DATABASE_URL_UNPOOLED the direct one, for what needs a session of its own.
     DATABASE_URL_UNPOOLED: str = Field(
         default="",
-        description="Direct (unpooled) URL for migrations; default DATABASE_URL.",
+        description="Direct (unpooled) URL for migrations and session work; default DATABASE_URL.",
     )
     DB_MIGRATE_ON_START: bool = Field(
         default=True,
@@ -185,6 +189,14 @@ class Settings(BaseSettings):
             return value
         if not value.startswith(("postgres://", "postgresql://", "postgresql+psycopg2://")):
             raise ValueError(f"{info.field_name} must be a postgres:// or postgresql:// URL")
+        root_certificate = _query_parameter(value, "sslrootcert")
+        if root_certificate and root_certificate != "system":
+            if not Path(root_certificate).is_file():
+                raise ValueError(
+                    f"{info.field_name} names sslrootcert={root_certificate}, which does not "
+                    "exist (or is not a file): give the path of the CA certificate that signed "
+                    "the server's, as this process sees it"
+                )
         return value
 
     @model_validator(mode="after")
@@ -202,9 +214,14 @@ class Settings(BaseSettings):
         return _psycopg2_url(self.DATABASE_URL)
 
     @property
-    def migration_url(self) -> str:
-        """`sqlalchemy_url` for migrations: the direct connection when there is one."""
-        return _psycopg2_url(self.DATABASE_URL_UNPOOLED or self.DATABASE_URL)
+    def unpooled_url(self) -> str:
+        """The direct URL: DATABASE_URL_UNPOOLED, or DATABASE_URL when it is not set."""
+        return self.DATABASE_URL_UNPOOLED or self.DATABASE_URL
+
+    @property
+    def sqlalchemy_unpooled_url(self) -> str:
+        """`unpooled_url` for SQLAlchemy: what migrations and session-level work connect to."""
+        return _psycopg2_url(self.unpooled_url)
 
     @property
     def cors_origins(self) -> list[str]:
@@ -241,8 +258,13 @@ class Settings(BaseSettings):
 
 
 def _psycopg2_url(url: str) -> str:
-    scheme, _, rest = url.partition("://")
+    _scheme, _, rest = url.partition("://")
     return f"postgresql+psycopg2://{rest}"
+
+
+def _query_parameter(url: str, name: str) -> str | None:
+    values = parse_qs(urlsplit(url).query).get(name)
+    return values[-1] if values else None
 
 
 @lru_cache

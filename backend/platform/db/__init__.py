@@ -2,6 +2,8 @@
 
 - `engine`: the engine and pool, and the connection hygiene that keeps pooled connections fit;
 - `deadline`: psycopg2's wait callback, so that no wait on the database is unbounded;
+- `cancel`: cancelling a statement the service has given up on (at the wait's deadline);
+- `reachable`: refusing to start, with the reason, when a configured database cannot be reached;
 - `runner`: `Database`, which runs the slices' handlers on the event loop and ends their unit
   of work;
 - `schema`: waiting for the database at start-up;

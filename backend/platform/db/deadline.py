@@ -8,6 +8,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from backend.platform.db.cancel import send_cancel
 from backend.platform.db.greenlet_bridge import await_from_greenlet, in_greenlet
 
 
@@ -19,7 +20,10 @@ def wait_with_deadline(connection: Any) -> None:
     black-holed route) libpq would wait on the socket indefinitely, and the request and its pool
     connection with it. Keepalives and tcp_user_timeout cannot see that case when something in
     between still acknowledges the bytes. So every wait gets a deadline; past it psycopg2 closes
-    the connection, and the error reaches the client as a 503. The cost is a poll() and two
+    the connection, and the error reaches the client as a 503. First, though, what the
+    connection was running is cancelled (`send_cancel`, waited for at most the connect
+    timeout): closing our end alone would leave the statement running on the server, or queued
+    in a pooler, to be applied after the 503 was sent. The cost is a poll() and two
     conn.poll() calls in Python per round trip: about 5 us of CPU (see the README).
     libpq ignores connect_timeout in this mode, so the deadline enforces it too.
     """
@@ -42,6 +46,8 @@ def wait_with_deadline(connection: Any) -> None:
         )
         remaining_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
         if not poller.poll(remaining_ms):
+            if not connecting:
+                send_cancel(connection).wait(_cancel_bound(connection))
             raise _timed_out(timeout, connecting)
 
 
@@ -70,7 +76,34 @@ def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None
             if timer is not None:
                 timer.cancel()
         if not answered:
+            if not connecting:
+                _cancel_on_event_loop(loop, connection)
             raise _timed_out(timeout, connecting)
+
+
+def _cancel_on_event_loop(loop: asyncio.AbstractEventLoop, connection: Any) -> None:
+    """Cancel the statement, waiting on the event loop (other requests run) at most as long as
+    opening a connection may take."""
+    cancelled: asyncio.Future[bool] = loop.create_future()
+
+    def settle_from_thread() -> None:
+        try:
+            loop.call_soon_threadsafe(_settle, cancelled, True)
+        except RuntimeError:
+            pass  # the loop has closed meanwhile: nobody waits any more
+
+    send_cancel(connection, then=settle_from_thread)
+    timer = loop.call_later(_cancel_bound(connection), _settle, cancelled, False)
+    try:
+        await_from_greenlet(cancelled)
+    finally:
+        timer.cancel()
+
+
+def _cancel_bound(connection: Any) -> float:
+    """How long a cancel request may take to be delivered before the service answers anyway:
+    as long as opening a connection may (the request is sent on a new one)."""
+    return float(getattr(connection, "connect_timeout", None) or 5)
 
 
 def _timed_out(timeout: float | None, connecting: bool) -> psycopg2.OperationalError:

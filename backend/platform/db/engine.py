@@ -39,6 +39,12 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
     No wait on the database is unbounded, even when the network goes silent rather than
     failing (see `wait_with_deadline`): opening a connection gets DB_CONNECT_TIMEOUT_SECONDS,
     any other round trip the statement timeout plus that much again.
+
+    The connections carry no session state, so that they work through a pooler in transaction
+    mode (Neon's pooled endpoint), where a session `SET` would land on whichever server
+    connection is free, stay there for the pooler's other clients, and miss the next statement.
+    The statement timeout travels with each statement instead (`_limited_cursor_class`), and
+    timestamps are made UTC by the code that reads them, not by the session's TimeZone.
     """
     psycopg2.extensions.set_wait_callback(wait_with_deadline)
     engine = create_engine(
@@ -53,10 +59,13 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         pool_reset_on_return=None if autocommit else "rollback",
         isolation_level="AUTOCOMMIT" if autocommit else None,
         connect_args={
-            "connection_factory": _connection_class(
+            "connection_factory": connection_class(
                 connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS,
                 network_timeout=settings.DB_STATEMENT_TIMEOUT_MS / 1000
                 + settings.DB_CONNECT_TIMEOUT_SECONDS,
+                statement_prefix=statement_limits(
+                    settings.DB_STATEMENT_TIMEOUT_MS, transactional=not autocommit
+                ),
             ),
             "connect_timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
             "application_name": "todo-api",
@@ -66,10 +75,6 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
             "keepalives_interval": 10,
             "keepalives_count": 3,
         },
-    )
-    session_setup = (
-        f"SET statement_timeout = {int(settings.DB_STATEMENT_TIMEOUT_MS)}; "
-        "SET idle_in_transaction_session_timeout = 60000; SET TIME ZONE 'UTC'"
     )
 
     @event.listens_for(engine, "do_connect")
@@ -87,12 +92,7 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
         return await_from_greenlet(loop.run_in_executor(None, connect))
 
     @event.listens_for(engine, "connect")
-    def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
-        # One round trip per new connection; SET (not startup `options`) because Neon's
-        # pooler refuses startup options.
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute(session_setup)
-        dbapi_connection.commit()
+    def _note_opened(_dbapi_connection: Any, _record: Any) -> None:
         _record.info["just_opened"] = True
         _record.info["opened_at"] = time.monotonic()
 
@@ -110,12 +110,69 @@ def build_engine(settings: Settings, *, autocommit: bool = False) -> Engine:
     return engine
 
 
-def _connection_class(*, connect_timeout: float, network_timeout: float | None) -> type:
-    """A psycopg2 connection class carrying this engine's deadlines for the wait callback."""
+def statement_limits(statement_timeout_ms: int, *, transactional: bool) -> str:
+    """What each statement is prefixed with: its limits, as `SET LOCAL`s in the same query string.
+
+    psycopg2 sends a statement as one simple-protocol query; PostgreSQL runs a query string of
+    several statements as one implicit transaction (or inside the open one), in which SET LOCAL
+    holds until it ends, and answers with the last statement's result (rows, rowcount,
+    RETURNING as before). So the timeout reaches the server connection that runs the statement,
+    whichever one a pooler picked, and is gone when the transaction ends: still one round
+    trip, nothing left on the connection. (Startup `options` would do it once per connection,
+    but Neon's pooler refuses them, and a session SET leaks as said in `build_engine`.)
+    A transactional engine's connections also bound how long a transaction may sit idle, so
+    that one left open cannot hold its locks and its pooled server connection for long.
+    """
+    limits = f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; "
+    if transactional:
+        limits += "SET LOCAL idle_in_transaction_session_timeout = 60000; "
+    return limits
+
+
+def connection_class(
+    *, connect_timeout: float, network_timeout: float | None, statement_prefix: str
+) -> type:
+    """A psycopg2 connection class carrying this engine's deadlines for the wait callback, whose
+    cursors send each statement with its limits."""
+    cursor_class = _limited_cursor_class(statement_prefix)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - a method
+        psycopg2.extensions.connection.__init__(self, *args, **kwargs)
+        self.cursor_factory = cursor_class
+
     return type(
         "DeadlineConnection",
         (psycopg2.extensions.connection,),
-        {"connect_timeout": connect_timeout, "network_timeout": network_timeout},
+        {
+            "__init__": __init__,
+            "connect_timeout": connect_timeout,
+            "network_timeout": network_timeout,
+        },
+    )
+
+
+def _limited_cursor_class(prefix: str) -> type:
+    """A cursor that sends `prefix` (`statement_limits`) in front of each statement: a string
+    concatenation per statement. Not in front of ROLLBACK (TO SAVEPOINT), which must run in a
+    transaction that an error has aborted, where any other statement is refused; nor in a
+    named (server-side) cursor, whose statement psycopg2 wraps in DECLARE."""
+    execute = psycopg2.extensions.cursor.execute
+    executemany = psycopg2.extensions.cursor.executemany
+
+    def limited_execute(self: Any, query: Any, vars: Any = None) -> Any:  # noqa: A002
+        if query.__class__ is str and not query.startswith("ROLLBACK") and self.name is None:
+            query = prefix + query
+        return execute(self, query, vars)
+
+    def limited_executemany(self: Any, query: Any, vars_list: Any) -> Any:
+        if query.__class__ is str:
+            query = prefix + query
+        return executemany(self, query, vars_list)
+
+    return type(
+        "LimitedCursor",
+        (psycopg2.extensions.cursor,),
+        {"execute": limited_execute, "executemany": limited_executemany},
     )
 
 

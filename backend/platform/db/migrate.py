@@ -3,8 +3,8 @@
 Start-up calls `prepare_schema`: with DB_MIGRATE_ON_START (the default) it upgrades to head,
 serialised across instances; without it, it only checks that the database is at head and
 refuses to start otherwise. Operators run the same migrations with `alembic upgrade head` from
-the repository's root (alembic.ini). Both connect with `Settings.migration_url`: the direct
-endpoint when DATABASE_URL_UNPOOLED is set, else DATABASE_URL, which works through a
+the repository's root (alembic.ini). Both connect with `Settings.sqlalchemy_unpooled_url`: the
+direct endpoint when DATABASE_URL_UNPOOLED is set, else DATABASE_URL, which works through a
 transaction-mode pooler too (see migrations/env.py).
 """
 
@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from backend.platform.config import MIN_SECRET_LENGTH, Settings
-from backend.platform.db.engine import _connection_class
+from backend.platform.db.engine import connection_class
 from backend.platform.db.schema import wait_for_database
 
 log = structlog.get_logger("backend.db")
@@ -129,14 +129,16 @@ def migration_engine(settings: Settings) -> Engine:
     """A one-connection-at-a-time engine on the migration URL. Not the serving engine: nothing
     is pooled, and nothing but the transaction is set on its connection."""
     return create_engine(
-        settings.migration_url,
+        settings.sqlalchemy_unpooled_url,
         poolclass=NullPool,
         connect_args={
             # Opening a connection has the serving engine's deadline; a statement has none,
             # since a migration may rightly run (or wait for the lock) for minutes. Keepalives
             # still notice a dead server within a minute and a half.
-            "connection_factory": _connection_class(
-                connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS, network_timeout=None
+            "connection_factory": connection_class(
+                connect_timeout=settings.DB_CONNECT_TIMEOUT_SECONDS,
+                network_timeout=None,
+                statement_prefix="",
             ),
             "connect_timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
             "application_name": "todo-api-migrations",

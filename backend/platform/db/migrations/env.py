@@ -33,7 +33,7 @@ def run_migrations_offline() -> None:
     settings = settings_for_migrations()
     config.attributes.setdefault("auth_user_table", settings.AUTH_USER_TABLE)
     context.configure(
-        url=settings.migration_url,
+        url=settings.sqlalchemy_unpooled_url,
         target_metadata=target_metadata(),
         literal_binds=True,
         compare_server_default=True,

@@ -283,8 +283,8 @@ def test_database_unavailable_is_counted(scrape, settings, make_token):
 
 
 def test_database_sessions_are_reported_idle_used_and_waiting(scrape, engine):
-    url = engine.url
-    pool = f"{url.host}:{url.port or 5432}/{url.database}"
+    url = engine.url  # TCP, or a Unix socket (the embedded server) named in the query
+    pool = f"{url.host or url.query['host']}:{url.port or 5432}/{url.database}"
     scraped = scrape()
     state = {"db_client_connection_pool_name": pool}
     # The test's session is the app's one session; the scrape itself holds none.

@@ -103,9 +103,11 @@ class Database:
 
     @property
     def pool_name(self) -> str:
-        """How the metrics name these sessions' connections: host:port/database, no secret."""
+        """How the metrics name these sessions' connections: host:port/database, no secret (the
+        socket directory for a Unix-socket URL, which names its host in the query)."""
         url = self.engine.url
-        return f"{url.host or ''}:{url.port or 5432}/{url.database or ''}"
+        host = url.host or url.query.get("host") or ""
+        return f"{host}:{url.port or 5432}/{url.database or ''}"
 
     def usage(self) -> tuple[int, int, int]:
         """Sessions in use, sessions idle, and requests waiting for one (for the metrics; no

@@ -19,8 +19,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, text
 from sqlmodel import Session
 
 from backend.main import create_app
@@ -31,6 +30,7 @@ from tests.factories import TaskFactory, UserFactory, bind_factories
 from tests.in_test_transaction import serve_in_session, stop_serving_in_session
 from tests.live_server import serve
 from tests.pgbouncer import pgbouncer
+from tests.service_processes import empty_database
 
 ROOT = Path(__file__).resolve().parent
 TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -68,19 +68,8 @@ def database_url(direct_database_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def direct_database_url() -> Iterator[str]:
     """A throwaway database on the test server, reached directly (never through a pooler)."""
-    server = make_url(_server_url().replace("postgres://", "postgresql://", 1))
-    name = f"todo_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(
-        server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with empty_database(_server_url(), prefix="todo_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

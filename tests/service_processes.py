@@ -18,10 +18,10 @@ SECRET = "startup-test-secret-0123456789-abcdefghij"
 
 
 @contextmanager
-def empty_database(server_url: str) -> Iterator[str]:
+def empty_database(server_url: str, *, prefix: str = "todo_empty") -> Iterator[str]:
     """The URL of a new, empty database on `server_url`'s server, dropped afterwards."""
-    server = make_url(server_url)
-    name = f"todo_empty_{uuid.uuid4().hex[:12]}"
+    server = make_url(server_url.replace("postgres://", "postgresql://", 1))
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(
         server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT"
     )

@@ -19,6 +19,8 @@ import jwt
 import uvicorn
 from sqlalchemy import text
 
+from backend.platform.processes import process_is_running
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("DEV_DATA_DIR") or ROOT / ".pgdata")
 DEMO_USER = "demo-user"
@@ -47,19 +49,9 @@ def _start_embedded_postgres() -> Any:
     # kill -9) stays listed and would keep the server running forever: only live ones are kept.
     handles = pgdata / ".handle_pids.json"
     if handles.exists():
-        live = [pid for pid in json.loads(handles.read_text() or "[]") if _running(pid)]
+        live = [pid for pid in json.loads(handles.read_text() or "[]") if process_is_running(pid)]
         handles.write_text(json.dumps(live))
     return pgserver.get_server(pgdata, cleanup_mode="stop")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's, but alive
-    return True
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import structlog
 
+from backend.platform.processes import process_is_running
+
 log = structlog.get_logger("backend.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -67,7 +69,7 @@ def forget_dead_workers(directory: Path) -> None:
 
     for file in directory.glob("gauge_live*_*.db"):
         pid = _pid_of(file.stem)
-        if pid is not None and not _running(pid):
+        if pid is not None and not process_is_running(pid):
             multiprocess.mark_process_dead(pid, str(directory))
 
 
@@ -81,16 +83,6 @@ def forget_this_worker(directory: Path) -> None:
 def _pid_of(stem: str) -> int | None:
     tail = stem.rsplit("_", 1)[-1]
     return int(tail) if tail.isdigit() else None
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _started_at(pid: int) -> str:
@@ -131,6 +123,6 @@ def _remove_directories_of_stopped_supervisors(base: Path) -> None:
             owned = path.lstat().st_uid == os.getuid() and not path.is_symlink()
         except OSError:
             continue
-        if owned and pid.isdigit() and not _running(int(pid)):
+        if owned and pid.isdigit() and not process_is_running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             log.info("metrics.stale_directory_removed", directory=str(path))

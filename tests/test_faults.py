@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import httpx
 import pytest
@@ -194,8 +194,34 @@ class Outcome:
     ended: float
 
 
+class ClientPerUser:
+    """One client thread per user, each running `_work(user_id)` until the `with` block ends;
+    a client still running `join_timeout` seconds after that has hung, and fails the test."""
+
+    users: list[str]
+    join_timeout: ClassVar[float] = 60.0
+    _stop: threading.Event
+    _threads: list[threading.Thread]
+
+    def _work(self, user_id: str) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for user_id in self.users:
+            thread = threading.Thread(target=self._work, args=(user_id,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self.join_timeout)
+        assert not any(t.is_alive() for t in self._threads), "a client hung"
+
+
 @dataclass
-class Load:
+class Load(ClientPerUser):
     """Workers, one per user, each doing creates, renames and toggles on its own tasks in turn.
 
     After a failed operation on a task the worker leaves that task alone, so a failed request is
@@ -210,19 +236,6 @@ class Load:
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __enter__(self) -> "Load":
-        for user_id in self.users:
-            thread = threading.Thread(target=self._work, args=(user_id,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        assert not any(t.is_alive() for t in self._threads), "a client hung"
 
     @contextmanager
     def fault(self) -> Iterator[None]:
@@ -749,7 +762,7 @@ class KeyedWrite:
 
 
 @dataclass
-class KeyedLoad:
+class KeyedLoad(ClientPerUser):
     """Workers, one per user, each doing creates, renames, toggles and deletes of its own tasks
     in turn, every write with a fresh key and retried with it (503, 409, or the request failing
     on the wire) until it succeeds. Nothing is ever left in doubt: afterwards each task must be
@@ -759,23 +772,11 @@ class KeyedLoad:
     users: list[str]
     token_for: Callable[[str], str]
     give_up_after: float = 30.0
+    join_timeout: ClassVar[float] = 90.0
     writes: list[KeyedWrite] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __enter__(self) -> "KeyedLoad":
-        for user_id in self.users:
-            thread = threading.Thread(target=self._work, args=(user_id,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-        assert not any(t.is_alive() for t in self._threads), "a client hung"
 
     def _work(self, user_id: str) -> None:
         rng = random.Random(f"keyed-{user_id}")

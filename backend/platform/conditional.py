@@ -10,8 +10,13 @@ import re
 
 from fastapi import HTTPException, status
 
-# An entity-tag (RFC 9110 8.8.3): optional weakness marker, then an opaque quoted string.
-_ENTITY_TAG = re.compile(r'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*(?:,|$)')
+# An entity-tag (RFC 9110 8.8.3): optional weakness marker, then an opaque quoted string; list
+# members are separated by commas with optional spaces and tabs (OWS), never other whitespace.
+_ENTITY_TAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"[ \t]*(?:,|$)')
+# What `strong_etag` makes of a version, and nothing else: the opaque part of our tags. A tag
+# that is not of this form cannot be ours, so it matches no version.
+_VERSION_TAG = re.compile(r"[1-9][0-9]{0,9}")
+_MAX_VERSION = 2**31 - 1  # the `version` column is a 4-byte integer
 ANY = "*"
 
 
@@ -30,12 +35,20 @@ def weak_etag_of(body: bytes) -> str:
     return f'W/"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
 
 
+def field_value(lines: list[str]) -> str:
+    """One field's value from all its lines (RFC 9110 5.3): several `If-Match` lines are one
+    list, as if sent on one line separated by commas."""
+    return lines[0] if len(lines) == 1 else ", ".join(lines)
+
+
 def parse_entity_tags(header: str) -> list[tuple[bool, str]] | None:
     """`If-Match` / `If-None-Match` as (weak, opaque-tag) pairs, or None for `*`.
 
     A malformed list yields the tags read before the fault: a client that sent garbage cannot
-    name the current tag, which for `If-Match` means 412, for `If-None-Match` a full answer."""
-    if header.strip() == ANY:
+    name the current tag, which for `If-Match` means 412, for `If-None-Match` a full answer.
+    `*` counts only as the whole field: `*` among tags is not the grammar's, so it is such a
+    fault."""
+    if header.strip(" \t") == ANY:
         return None
     tags: list[tuple[bool, str]] = []
     position = 0
@@ -49,13 +62,19 @@ def parse_entity_tags(header: str) -> list[tuple[bool, str]] | None:
 
 
 def if_match_versions(header: str) -> list[int] | None:
-    """The versions an `If-Match` accepts (strong comparison: weak tags never match), or None
-    for `*` (any current representation). Tags that are not ours match nothing."""
+    """The versions an `If-Match` accepts, or None for `*` (any current representation).
+
+    Strong comparison (RFC 9110 8.8.3.2): weak tags never match, and a tag matches only if it
+    is character for character the one `strong_etag` makes, so `"01"` is not `"1"`. A tag
+    that is not ours (other digits, `str.isdigit`'s superscripts, a number past the column's
+    range) names no version, so it matches nothing."""
     tags = parse_entity_tags(header)
     if tags is None:
         return None
     return [
-        int(opaque) for weak, opaque in tags if not weak and opaque.isdigit() and len(opaque) < 10
+        int(opaque)
+        for weak, opaque in tags
+        if not weak and _VERSION_TAG.fullmatch(opaque) and int(opaque) <= _MAX_VERSION
     ]
 
 

@@ -87,7 +87,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         # A constraint or data error we did not anticipate: a bug, logged with its traceback.
         log.error("db.error", error=type(exc.orig).__name__, exc_info=exc)
         return JSONResponse({"detail": "Internal error"}, status.HTTP_500_INTERNAL_SERVER_ERROR)
-    log.warning("db.unavailable", error=type(exc).__name__, path=request.url.path)
+    log.warning("db.unavailable", error=type(exc).__name__, path=request.scope["path"])
     count_db_unavailable()
     return JSONResponse(
         {"detail": "The database is unavailable; please retry shortly"},

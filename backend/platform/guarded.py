@@ -149,30 +149,39 @@ class GuardedRoute(APIRoute):
         operation, success = self.name, self.success_status
 
         async def honour_headers(request: Request) -> Response:
-            key = if_match = if_none_match = None
+            key = None
+            # Every line of a field counts: several lines are one comma-separated list.
+            if_match: list[str] = []
+            if_none_match: list[str] = []
             for name, value in request.scope["headers"]:
                 if name == b"idempotency-key" and accepted.idempotency_key:
                     if key is not None:
                         raise _one_key_only()
                     key = idempotency.valid_key(value)
                 elif name == b"if-match" and accepted.if_match:
-                    if_match = value.decode("latin-1")
+                    if_match.append(value.decode("latin-1"))
                 elif name == b"if-none-match" and accepted.if_none_match:
-                    if_none_match = value.decode("latin-1")
-            if key is None and if_match is None:
+                    if_none_match.append(value.decode("latin-1"))
+            if key is None and not if_match:
                 response = await handler(request)
             else:
                 guard = WriteGuard(version_column, replay)
-                if if_match is not None:
+                if if_match:
                     guard.if_match = True
-                    guard.versions = conditional.if_match_versions(if_match)
+                    guard.versions = conditional.if_match_versions(
+                        conditional.field_value(if_match)
+                    )
                 if key is not None:
                     body = await request.body()
                     guard.key_params = idempotency.key_params(
                         user_id=request.path_params["user_id"],
                         operation=operation,
                         key=key,
-                        fingerprint=idempotency.fingerprint(request.method, request.url.path, body),
+                        # The path as the server parsed it: `request.url` would rebuild a URL
+                        # from the Host header and the query string, both the client's bytes.
+                        fingerprint=idempotency.fingerprint(
+                            request.method, request.scope["path"], body
+                        ),
                         status=success,
                     )
                 request.scope[GUARD_SCOPE_KEY] = guard
@@ -180,9 +189,11 @@ class GuardedRoute(APIRoute):
                 if guard.replayed_status is not None:
                     response.status_code = guard.replayed_status
                     response.headers[idempotency.REPLAYED_HEADER] = "true"
-            if if_none_match is not None and response.status_code == status.HTTP_200_OK:
+            if if_none_match and response.status_code == status.HTTP_200_OK:
                 etag = response.headers.get("etag")
-                if etag is not None and conditional.none_match(if_none_match, etag):
+                if etag is not None and conditional.none_match(
+                    conditional.field_value(if_none_match), etag
+                ):
                     return Response(
                         status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag}
                     )

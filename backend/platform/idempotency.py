@@ -98,13 +98,15 @@ def valid_key(value: bytes) -> str:
 
 def fingerprint(method: str, path: str, body: bytes) -> str:
     """What makes two requests "the same": method, path and the parsed body (so whitespace and
-    key order do not matter). A body that is not JSON is compared as bytes; it gets a 422 from
-    validation anyway."""
+    key order do not matter). A body that is not JSON, or that the parser cannot take (nested
+    deeper than Python's recursion limit: `RecursionError`, which is not a `ValueError`), is
+    compared as bytes; validation answers it 422 anyway. This runs before validation, on
+    whatever a client sent, so it must not raise for any bytes."""
     try:
         canonical = json.dumps(
             json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode()
-    except ValueError:
+    except (ValueError, RecursionError):
         canonical = body
     digest = hashlib.sha256(f"{method} {path}\n".encode())
     digest.update(canonical)

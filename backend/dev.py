@@ -82,6 +82,7 @@ def _serve() -> None:
     from backend.platform.config import get_settings
     from backend.platform.db import build_engine, quote_identifier
     from backend.platform.db.migrate import StartupRefused, prepare_schema
+    from backend.platform.logging import redacted_url
 
     settings = get_settings()
     engine = build_engine(settings, autocommit=True)  # as the service runs in production
@@ -105,8 +106,9 @@ def _serve() -> None:
         algorithm="HS256",
     )
     base = f"http://{host}:{port}"
+    database = redacted_url(settings.DATABASE_URL)  # a password in it stays off the terminal
     print(
-        f"\nTodo API on {base}  (docs: {base}/docs, database: {settings.DATABASE_URL})\n"
+        f"\nTodo API on {base}  (docs: {base}/docs, database: {database})\n"
         f"Demo user {DEMO_USER!r}; its token (valid 7 days) and curl lines to paste:\n\n"
         f"  {token}\n\n"
         f"  curl -s -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "

@@ -1,7 +1,9 @@
 """A JWKS endpoint for tests: serves whatever document it is given, counts its requests, and can
-be made slow or broken, plus key pairs of each kind Better Auth's JWT plugin can use."""
+be made slow, broken or trickling (a byte at a time), plus key pairs of each kind Better Auth's
+JWT plugin can use."""
 
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -44,31 +46,71 @@ class KeyPair:
 
 
 class JwksServer:
-    def __init__(self) -> None:
+    """`delay`: seconds before answering. `trickle`: seconds between two bytes of the answer
+    (the body only; with `trickle_headers` the status line and headers too), stopping when the
+    client hangs up. `active` counts the answers being sent now, `max_active` the most at once;
+    `authorizations` lists each request's Authorization header. With `tls` (a server context),
+    it serves HTTPS as `localhost`."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.document: bytes = b'{"keys": []}'
         self.status = 200
         self.delay = 0.0
+        self.trickle = 0.0
+        self.trickle_headers = False
         self.hits = 0
+        self.active = 0
+        self.max_active = 0
+        self.authorizations: list[str | None] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 with server._lock:
                     server.hits += 1
-                time.sleep(server.delay)
-                self.send_response(server.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(server.document)))
-                self.end_headers()
-                self.wfile.write(server.document)
+                    server.active += 1
+                    server.max_active = max(server.max_active, server.active)
+                    server.authorizations.append(self.headers.get("Authorization"))
+                try:
+                    time.sleep(server.delay)
+                    self._answer(server.document, server.trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up
+                finally:
+                    with server._lock:
+                        server.active -= 1
+
+            def _answer(self, document: bytes, trickle: float) -> None:
+                head = (
+                    f"HTTP/1.1 {server.status} {self.responses[server.status][0]}\r\n"
+                    "Content-Type: application/json\r\n"
+                    f"Content-Length: {len(document)}\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode()
+                if not trickle:
+                    self.wfile.write(head + document)
+                    return
+                if not server.trickle_headers:
+                    self.wfile.write(head)
+                    head = b""
+                for byte in head + document:
+                    if server._closing.wait(trickle):
+                        return
+                    # The first write after the client hung up draws its RST, the next fails.
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
 
             def log_message(self, *_args: Any) -> None:
                 pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
+        scheme = "https://localhost" if tls is not None else "http://127.0.0.1"
+        self.base_url = f"{scheme}:{self._httpd.server_address[1]}"
         self.url = f"{self.base_url}/api/auth/jwks"
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
@@ -77,5 +119,6 @@ class JwksServer:
         self.document = json.dumps({"keys": jwks}).encode()
 
     def close(self) -> None:
+        self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()

@@ -1,11 +1,15 @@
-"""Tokens from Better Auth's JWT plugin: verified against its JWKS (fetched off the event loop,
-cached, refetched at most once per interval, kept through an outage), `iss`/`aud` checked, and
-never a family mix-up (HS* only with the secret, asymmetric only with a JWKS key of that alg)."""
+"""Tokens from Better Auth's JWT plugin: verified against its JWKS (fetched off the event loop
+within a deadline, cached, refetched at most once per interval, served stale through an outage
+for a stated while), `iss`/`aud` checked, and never a family mix-up (HS* only with the secret,
+asymmetric only with a JWKS key of that alg)."""
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -19,10 +23,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from backend.main import create_app
+from backend.platform.jwks import JwksCache, KeysUnavailable, fetch_url
 from conftest import TEST_SECRET
 from tests.in_test_transaction import serve_in_session
 from tests.jwks_server import JwksServer, KeyPair
 from tests.live_server import free_port
+from tests.tls_server import _authority, _server_certificate
 
 
 def auth_failures(capsys):
@@ -92,6 +98,26 @@ def claims(jwks, user, **overrides):
 
 def get_tasks(client, user, token):
     return client.get(f"/api/{user.id}/tasks", headers={"Authorization": f"Bearer {token}"})
+
+
+def timed_get_tasks(client, user, token):
+    started = time.monotonic()
+    response = get_tasks(client, user, token)
+    return response, time.monotonic() - started
+
+
+def eventually(condition, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def jwks_events(out):
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["event"].startswith("jwks.")]
 
 
 def b64(data: bytes) -> str:
@@ -322,7 +348,10 @@ def test_cached_keys_are_served_through_an_outage(jwks, make_client, ed_key, use
     time.sleep(1.05)  # the cache is now older than JWKS_CACHE_SECONDS: a refetch is due
     for _ in range(3):
         assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
-    assert jwks.hits == 2  # one failed refetch, then the interval holds the others back
+    # One failed refetch, in the background; the interval holds the others back.
+    assert eventually(lambda: jwks.hits == 2)
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    assert jwks.hits == 2
 
 
 def test_a_removed_key_stops_working_after_the_next_fetch(jwks, make_client, ed_key, user):
@@ -330,7 +359,14 @@ def test_a_removed_key_stops_working_after_the_next_fetch(jwks, make_client, ed_
     assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
     jwks.publish(KeyPair.generate("EdDSA"))  # ed_key revoked
     time.sleep(1.05)
-    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 401
+    # Stale keys still verify while their refetch runs in the background (JWKS_STALE_SECONDS):
+    # the first request past JWKS_CACHE_SECONDS starts it and does not wait for it...
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    # ...and once it has ended, the withdrawn key verifies nothing.
+    assert eventually(
+        lambda: get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 401
+    )
+    assert jwks.hits == 2
 
 
 def test_no_keys_ever_fetched_and_jwks_down_is_503(jwks, make_client, ed_key, user, capsys):
@@ -352,6 +388,210 @@ def test_no_keys_ever_fetched_and_jwks_down_is_503(jwks, make_client, ed_key, us
     ]
     assert events.count("jwks.fetch_failed") == 1
     assert events.count("jwks.unavailable") == 2
+
+
+# --- slow endpoints, the fetch's deadline and the stale window -----------------------------------
+
+
+@pytest.mark.parametrize("trickled", ["body", "headers"])
+def test_a_fetch_from_a_trickling_endpoint_ends_at_its_deadline(jwks, ed_key, trickled):
+    """One deadline for the whole fetch, not for each read: a byte every 0.1 s never lets a
+    read time out, and the document would take 15 s; the fetch gives up at 1 s and hangs up."""
+    jwks.trickle = 0.1
+    jwks.trickle_headers = trickled == "headers"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        fetch_url(jwks.url, 1.0)
+    assert 0.9 < time.monotonic() - started < 1.4
+    assert eventually(lambda: jwks.active == 0)  # the connection is closed, not left reading
+
+
+@pytest.fixture(scope="module")
+def tls_contexts(tmp_path_factory):
+    """(server context for localhost, client context trusting only its CA)."""
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key, ca_cert = _authority("jwks test CA")
+    key, cert = _server_certificate(ca_key, ca_cert)
+    work = tmp_path_factory.mktemp("jwks-tls")
+    (work / "server.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(work / "server.pem")
+    client = ssl.create_default_context(
+        cadata=ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    return server, client
+
+
+def test_https_fetches_check_the_certificate(tls_contexts, ed_key):
+    server_context, client_context = tls_contexts
+    server = JwksServer(tls=server_context)
+    try:
+        server.publish(ed_key)
+        assert json.loads(fetch_url(server.url, 5, tls=client_context))["keys"][0]["kid"] == (
+            ed_key.kid
+        )
+        with pytest.raises(ssl.SSLCertVerificationError):
+            fetch_url(server.url, 5)  # the system's CAs do not know this one
+    finally:
+        server.close()
+
+
+def test_a_tls_handshake_that_never_ends_is_given_up_at_the_deadline(tls_contexts):
+    _, client_context = tls_contexts
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never says a word
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            fetch_url(f"https://localhost:{silent.getsockname()[1]}/jwks", 1.0, tls=client_context)
+        assert 0.9 < time.monotonic() - started < 1.4
+
+
+def test_waiters_are_released_at_the_deadline_even_if_the_fetch_is_stuck():
+    """A fetch that outlives its deadline (in name resolution, which no socket timeout reaches)
+    holds no request longer than the timeout, and no second fetch piles up behind it."""
+    release, calls = threading.Event(), []
+
+    def stuck(url, timeout):
+        calls.append(url)
+        release.wait(30)
+        raise TimeoutError
+
+    cache = JwksCache("http://jwks.invalid/", max_age=60, min_interval=1, timeout=0.5, fetch=stuck)
+
+    async def wait_for_keys():
+        started = time.monotonic()
+        await cache.refresh_async()
+        return time.monotonic() - started
+
+    try:
+        assert 0.4 < asyncio.run(asyncio.wait_for(wait_for_keys(), 5)) < 0.9
+        with pytest.raises(KeysUnavailable):  # nothing fetched yet: a 503
+            cache.key_for("some-kid", "EdDSA", may_wait=False)
+        time.sleep(0.6)  # the interval has passed, and the stuck fetch is still under way
+        assert asyncio.run(asyncio.wait_for(wait_for_keys(), 5)) < 0.1  # its deadline is past
+        assert calls == ["http://jwks.invalid/"]
+    finally:
+        release.set()
+
+
+def test_a_cached_kid_is_answered_at_once_while_a_refresh_trickles(
+    jwks, make_client, ed_key, user, capsys
+):
+    """The attack: keys older than JWKS_CACHE_SECONDS and an endpoint trickling its answer.
+    Tokens whose key we hold are verified with it while the refresh runs; none waits for it."""
+    client = make_client(
+        JWKS_CACHE_SECONDS=1, JWKS_REFETCH_INTERVAL_SECONDS=1, JWKS_TIMEOUT_SECONDS=2
+    )
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    jwks.trickle = 0.2  # its 155 bytes would take 31 s
+    time.sleep(1.05)
+    capsys.readouterr()
+    slowest, until = 0.0, time.monotonic() + 1.8  # while the refresh (2 s deadline) runs
+    while time.monotonic() < until:
+        response, elapsed = timed_get_tasks(client, user, ed_key.sign(claims(jwks, user)))
+        assert response.status_code == 200
+        slowest = max(slowest, elapsed)
+        time.sleep(0.1)
+    assert slowest < 0.5, f"a request with a cached kid waited {slowest:.2f}s for the refresh"
+    out = []
+    assert eventually(lambda: out.append(capsys.readouterr().out) or "jwks.fetch_failed" in out[-1])
+    assert [(e["event"], e["error"]) for e in jwks_events("".join(out))] == [
+        ("jwks.fetch_failed", "TimeoutError")
+    ]
+    assert (jwks.hits, jwks.max_active) == (2, 1)
+
+
+def test_an_unknown_kid_waits_at_most_the_deadline_and_fetches_do_not_pile_up(
+    jwks, make_client, ed_key, user
+):
+    client = make_client(JWKS_REFETCH_INTERVAL_SECONDS=1, JWKS_TIMEOUT_SECONDS=1)
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    jwks.trickle = 0.2
+    time.sleep(1.05)
+    for attempt in range(3):  # each one a fetch of its own, once the interval has passed
+        newcomer = KeyPair.generate("EdDSA")
+        response, elapsed = timed_get_tasks(client, user, newcomer.sign(claims(jwks, user)))
+        assert response.status_code == 401
+        assert elapsed < 1.5, f"an unknown kid waited {elapsed:.2f}s"
+        assert jwks.hits == 2 + attempt
+        # The fetching thread hung up at its deadline: the next fetch finds it free.
+        assert eventually(lambda: jwks.active == 0, 1.5)
+        time.sleep(0.1)
+    assert jwks.max_active == 1
+    response, elapsed = timed_get_tasks(client, user, ed_key.sign(claims(jwks, user)))
+    assert response.status_code == 200
+    assert elapsed < 0.5
+
+
+def test_stale_keys_are_refreshed_in_the_background(jwks, make_client, ed_key, user):
+    client = make_client(JWKS_CACHE_SECONDS=1, JWKS_REFETCH_INTERVAL_SECONDS=1)
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    rotated = KeyPair.generate("ES256")
+    jwks.publish(ed_key, rotated)
+    jwks.delay = 0.6
+    time.sleep(1.05)
+    response, elapsed = timed_get_tasks(client, user, ed_key.sign(claims(jwks, user)))
+    assert response.status_code == 200
+    assert elapsed < 0.4  # the refetch takes 0.6 s; nobody waited for it
+    assert eventually(lambda: jwks.hits == 2)
+    assert get_tasks(client, user, rotated.sign(claims(jwks, user))).status_code == 200
+    assert jwks.hits == 2
+
+
+def test_keys_past_the_stale_window_need_a_successful_fetch(jwks, make_client, ed_key, user):
+    """Within JWKS_CACHE_SECONDS + JWKS_STALE_SECONDS of the last successful fetch a held key
+    verifies; past that, it does only after a fetch succeeds, and meanwhile the client gets a
+    503 with Retry-After, as when no key was ever fetched."""
+    client = make_client(
+        JWKS_CACHE_SECONDS=1,
+        JWKS_STALE_SECONDS=1,
+        JWKS_REFETCH_INTERVAL_SECONDS=1,
+        JWKS_TIMEOUT_SECONDS=0.3,
+    )
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    fetched = time.monotonic()
+    jwks.status = 500
+    time.sleep(1.05)
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200  # stale
+    assert eventually(lambda: jwks.hits == 2)  # its refetch, in the background, failed
+    time.sleep(max(0.0, fetched + 2.2 - time.monotonic()))
+    for _ in range(2):  # the first waits for a fetch (it fails), the second is held back
+        response = get_tasks(client, user, ed_key.sign(claims(jwks, user)))
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+    assert jwks.hits == 3
+    jwks.status = 200
+    time.sleep(1.05)
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    assert jwks.hits == 4
+
+
+def test_jwks_logs_never_show_the_urls_credentials(jwks, make_client, ed_key, user, capsys):
+    """Userinfo in JWT_JWKS_URL is sent as Basic credentials and never logged; nor is a query
+    parameter named like a secret (the rest of the query says which endpoint, and is kept)."""
+    url = jwks.url.replace("http://", "http://alice:s3cret@") + "?tenant=a&token=t0ps3cret"
+    client = make_client(JWT_JWKS_URL=url, JWKS_REFETCH_INTERVAL_SECONDS=1)
+    capsys.readouterr()
+    assert get_tasks(client, user, ed_key.sign(claims(jwks, user))).status_code == 200
+    assert jwks.authorizations == ["Basic " + base64.b64encode(b"alice:s3cret").decode()]
+    jwks.status = 500
+    time.sleep(1.05)
+    newcomer = KeyPair.generate("EdDSA")
+    assert get_tasks(client, user, newcomer.sign(claims(jwks, user))).status_code == 401
+    out = capsys.readouterr().out
+    assert "alice" not in out and "s3cret" not in out and "t0ps3cret" not in out
+    shown = f"{jwks.url}?tenant=a&token=***"
+    assert [(e["event"], e["url"]) for e in jwks_events(out)] == [
+        ("jwks.fetched", shown),
+        ("jwks.fetch_failed", shown),
+    ]
 
 
 def test_unusable_jwks_entries_are_skipped(jwks, jwks_client, ed_key, user):

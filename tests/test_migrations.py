@@ -310,7 +310,8 @@ def test_an_unreachable_migration_database_is_a_clear_refusal(
     assert code == 2
     if setting == "DATABASE_URL_UNPOOLED":  # checked before the app is built, by its name
         assert (
-            f"Refusing to start: DATABASE_URL_UNPOOLED ({unreachable}) cannot be reached: "
+            f"Refusing to start: DATABASE_URL_UNPOOLED ({unreachable.replace('postgres@', '')}) "
+            "cannot be reached: "
             "connection to server at"
         ) in output
     else:

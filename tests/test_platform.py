@@ -611,3 +611,75 @@ def test_timestamps_are_answered_in_utc_whatever_the_connection_time_zone(sessio
         assert read.created_at == rows[0].created_at  # the same instant...
         answered = json.loads(read.model_dump_json())  # ...written in UTC
         assert answered["created_at"].endswith("Z") and answered["updated_at"].endswith("Z")
+
+
+# --- what log lines may carry ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://alice:s3cret@auth.example.com/jwks?tenant=a", "https://auth.example.com/jwks?tenant=a"),
+        ("postgresql://u:p@db:5432/app?sslmode=require&password=x", "postgresql://db:5432/app?sslmode=require&password=***"),
+        ("postgresql://postgres:@/postgres?host=/run/pg", "postgresql:///postgres?host=/run/pg"),
+        ("https://h/k?X-Amz-Signature=abc&api_key=k#top", "https://h/k?X-Amz-Signature=***&api_key=***#top"),
+        ("http://127.0.0.1:8000/api/auth/jwks", "http://127.0.0.1:8000/api/auth/jwks"),
+    ],
+)  # fmt: skip
+def test_redacted_url_drops_userinfo_and_secret_parameters(url, shown):
+    from backend.platform.logging import redacted_url
+
+    assert redacted_url(url) == shown
+
+
+_CONSOLE_SCRIPT = r"""
+import logging, sys
+from fastapi.testclient import TestClient
+from backend.main import create_app
+from backend.platform.config import Settings
+
+settings = Settings(_env_file=None, BETTER_AUTH_SECRET="x" * 32, LOG_FORMAT="console")
+client = TestClient(create_app(settings))
+for path in sys.argv[1:]:
+    assert client.get(path).status_code == 401
+logging.getLogger("uvicorn.error").warning("foreign %s", "\x1b[2J\u2028forged")
+try:
+    raise ValueError("boom\x1b[31m")
+except ValueError:
+    logging.getLogger("uvicorn.error").exception("failed")
+"""
+
+
+def test_console_logs_escape_control_characters():
+    """With LOG_FORMAT=console a path needing no token could write ESC, a newline (a forged log
+    line), DEL or C1's CSI into the log; each is escaped, one event stays one line, and a
+    traceback keeps its own lines. (In a process of its own: structlog's loggers keep the
+    processors they were first used with.)"""
+    paths = ["/api/%1b%5B31mred/tasks", "/api/x%0a2026-01-01 [info] forged/tasks",
+             "/api/%7f/tasks", "/api/%c2%9b31m/tasks"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", _CONSOLE_SCRIPT, *paths],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", out), repr(out)
+    lines = out.splitlines()  # splits at every line separator Python knows, not only \n
+    events = [line for line in lines if re.match(r"\d{4}-\d\d-\d\dT", line)]
+    traceback = lines[lines.index(events[-1]) + 1 :]
+    assert len(events) + len(traceback) == len(lines)  # nothing else: no forged line
+    # Each request: its auth failure, its request line and the test client's (httpx) line; then
+    # the foreign line and the error.
+    assert len(events) == 3 * len(paths) + 2
+    assert sum(" request " in line or "request  " in line for line in events) >= len(paths)
+    assert any("\\x1b[31mred" in line for line in events)
+    assert any("\\x0a2026-01-01 [info] forged" in line for line in events)  # repr: one more \\
+    assert any("\\x7f" in line for line in events)
+    assert any("\\x9b31m" in line for line in events)
+    assert "foreign \\x1b[2J\\u2028forged" in events[-2]
+    assert traceback[0].startswith("Traceback") and len(traceback) > 2
+    assert traceback[-1] == "ValueError: boom\\x1b[31m"

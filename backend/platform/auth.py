@@ -78,6 +78,7 @@ class TokenVerifier:
                 max_age=settings.JWKS_CACHE_SECONDS,
                 min_interval=settings.JWKS_REFETCH_INTERVAL_SECONDS,
                 timeout=settings.JWKS_TIMEOUT_SECONDS,
+                stale_for=settings.JWKS_STALE_SECONDS,
             )
             self._jwks_algorithms = tuple(settings.jwt_jwks_algorithms)
         self._jwks_options: Any = {"require": ["exp", "sub", "iss", "aud"], "verify_sub": True}
@@ -94,8 +95,10 @@ class TokenVerifier:
     def jwks(self) -> JwksCache | None:
         return self._jwks
 
-    def verify(self, token: str) -> str:
-        """Return the user id the token was issued for, or raise AuthError."""
+    def verify(self, token: str, *, may_wait_for_keys: bool = True) -> str:
+        """Return the user id the token was issued for, or raise AuthError (or, for a JWKS
+        token, KeysOutdated when `may_wait_for_keys` and only a fetch can tell, KeysUnavailable
+        when no key may be trusted)."""
         known = self._verified.get(token)
         if known is not None:
             if time.time() < known[1]:
@@ -121,7 +124,7 @@ class TokenVerifier:
             raise AuthError("invalid_claims", "Token requires unsupported extensions")
         try:
             if asymmetric:
-                claims = self._decode_jwks_token(token, header)
+                claims = self._decode_jwks_token(token, header, may_wait_for_keys)
             else:
                 claims = jwt.decode(
                     token,
@@ -160,10 +163,12 @@ class TokenVerifier:
             del self._verified[next(iter(self._verified))]
         self._verified[token] = (subject, expires_at + self._leeway)
 
-    def _decode_jwks_token(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+    def _decode_jwks_token(
+        self, token: str, header: dict[str, Any], may_wait_for_keys: bool
+    ) -> dict[str, Any]:
         assert self._jwks is not None
         try:
-            key = self._jwks.key_for(header.get("kid"), header["alg"])
+            key = self._jwks.key_for(header.get("kid"), header["alg"], may_wait=may_wait_for_keys)
         except KeyRejected as exc:
             raise AuthError("bad_signature", str(exc)) from exc
         claims: dict[str, Any] = jwt.decode(
@@ -247,16 +252,14 @@ def _bearer_token(request: Request) -> str:
 
 
 async def _verify(verifier: TokenVerifier, token: str) -> str:
-    """`verify()`, after at most one JWKS fetch in a worker thread when only a fetch can tell."""
+    """`verify()`, after waiting for at most one JWKS fetch (and no longer than its deadline,
+    JWKS_TIMEOUT_SECONDS) when only a fetch can tell; then decided with the keys we hold."""
     try:
         return verifier.verify(token)
     except KeysOutdated:
         assert verifier.jwks is not None
         await verifier.jwks.refresh_async()
-    try:
-        return verifier.verify(token)
-    except KeysOutdated as exc:  # the interval passed again while we fetched: no second fetch
-        raise AuthError("bad_signature", "Token signing key is unknown") from exc
+    return verifier.verify(token, may_wait_for_keys=False)
 
 
 async def authenticate(request: Request) -> AuthUser:
@@ -282,7 +285,8 @@ async def authenticate(request: Request) -> AuthUser:
             headers = {"WWW-Authenticate": challenge}
         raise HTTPException(exc.status_code, exc.detail, headers=headers) from None
     except KeysUnavailable:
-        # Not the token's fault: the keys were never fetched and the JWKS endpoint is down.
+        # Not the token's fault: the keys were never fetched, or the token's key was fetched
+        # longer ago than JWKS_CACHE_SECONDS + JWKS_STALE_SECONDS, and the endpoint is down.
         log.warning("jwks.unavailable", status=503)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -69,9 +69,29 @@ class Settings(BaseSettings):
         default="EdDSA,ES256,ES512,RS256,PS256",
         description="Comma-separated allow-list of asymmetric algorithms for JWKS tokens.",
     )
-    JWKS_CACHE_SECONDS: float = Field(default=600, ge=1, le=86_400)
-    JWKS_REFETCH_INTERVAL_SECONDS: float = Field(default=30, ge=1, le=3600)
-    JWKS_TIMEOUT_SECONDS: float = Field(default=5, gt=0, le=60)
+    JWKS_CACHE_SECONDS: float = Field(
+        default=600, ge=1, le=86_400, description="Seconds the JWKS keys are used before a refetch."
+    )
+    JWKS_STALE_SECONDS: float = Field(
+        default=3600,
+        ge=0,
+        le=7 * 86_400,
+        description=(
+            "Seconds past JWKS_CACHE_SECONDS that a held key still verifies its tokens while "
+            "refetches fail or are under way (refetched in the background, nobody waits); "
+            "after that the endpoint must answer, else JWKS tokens get 503."
+        ),
+    )
+    JWKS_REFETCH_INTERVAL_SECONDS: float = Field(
+        default=30, ge=1, le=3600, description="Least seconds between two JWKS fetches."
+    )
+    JWKS_TIMEOUT_SECONDS: float = Field(
+        default=5,
+        gt=0,
+        le=60,
+        description="Deadline of a whole JWKS fetch (connect, TLS, headers, body); the longest "
+        "a request waits for keys.",
+    )
     AUTH_USER_TABLE: str = Field(default="user", description="Better Auth's users table.")
 
     CORS_ORIGINS: str = Field(default="http://localhost:3000")

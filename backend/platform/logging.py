@@ -1,4 +1,5 @@
-"""Structured logging: structlog set up once, and one log line per request with its request id."""
+"""Structured logging: structlog set up once, one log line per request with its request id, and
+what keeps a log line safe to read: control characters escaped on the console, URLs redacted."""
 
 import logging
 import os
@@ -37,6 +38,79 @@ class _Stdout:
 
 _STDOUT = _Stdout()
 
+# What a terminal or a line-based log reader would act on rather than show: C0 (ESC, CR, LF and
+# the rest), DEL, C1 (0x80-0x9f: CSI, NEL...), and the Unicode line and paragraph separators.
+# The JSON renderer escapes all of these already (as \u001b...); the console one prints strings
+# as they are, so a request path like /api/%1b%5B31m/tasks would colour or forge log lines.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_UNSAFE_IN_TRACEBACK = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # not \n
+# A traceback is many lines by design; everything else in an event is one.
+_MULTILINE_KEYS = frozenset({"exception", "stack"})
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escaped(text: str, unsafe: re.Pattern[str] = _UNSAFE) -> str:
+    return unsafe.sub(_escape_character, text) if unsafe.search(text) else text
+
+
+def escape_control_characters(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """A structlog processor for the console renderer: every string in the event (its name, its
+    keys, its values; other values as the renderer would show them, their repr) with control
+    characters written as `\\x1b`, so that one event is one line. Tracebacks keep their line
+    breaks. Not used for JSON, whose renderer escapes them itself."""
+    escaped: dict[Any, Any] = {}
+    for key, value in event_dict.items():
+        if isinstance(key, str):
+            key = _escaped(key)
+        if isinstance(value, str):
+            value = _escaped(value, _UNSAFE_IN_TRACEBACK if key in _MULTILINE_KEYS else _UNSAFE)
+        elif key == "event":
+            value = _escaped(str(value))  # the console renderer shows a non-string event's str()
+        elif not isinstance(value, bool | int | float | None):
+            value = _escaped(repr(value))  # what the renderer would show, made safe
+        escaped[key] = value
+    return escaped
+
+
+# Query parameters whose values are secrets by their name (libpq's `password`, presigned URLs'
+# signatures and credentials, API tokens and keys): masked, their names kept.
+_SECRET_PARAMETER = re.compile(
+    r"(?P<name>(?:^|(?<=[?&;]))[^=&;#]*(?:pass|pwd|secret|token|key|sig|cred|auth)[^=&;#]*=)"
+    r"[^&;#]*",
+    re.IGNORECASE,
+)
+
+
+def redacted_url(url: str) -> str:
+    """`url` fit for a log line or a message: without its userinfo (`user:password@`, the
+    user too), and with the values of query parameters named like secrets (`password=`,
+    `token=`, `...key=`, `...sig...=`) replaced by `***`.
+
+    The rest of the query is kept on purpose: it says which endpoint or database was meant
+    (`sslmode`, a socket directory in `host=`, a tenant), which is what an operator reading a
+    failure needs, and a URL whose query differs is another endpoint. Stripping only what
+    names a secret keeps that, and a URL without userinfo or such parameters is unchanged."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    end = len(rest)
+    for delimiter in "/?#":
+        found = rest.find(delimiter)
+        if found != -1:
+            end = min(end, found)
+    authority, tail = rest[:end], rest[end:]
+    authority = authority.rpartition("@")[2]
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_mark, fragment = query.partition("#")
+        query = _SECRET_PARAMETER.sub(lambda m: m.group("name") + "***", query) + hash_mark
+        tail = path + question + query + fragment
+    return f"{scheme}{separator}{authority}{tail}"
+
 
 def configure_logging(settings: Settings) -> None:
     """Route structlog and the standard library (uvicorn, SQLAlchemy) through one renderer."""
@@ -46,17 +120,21 @@ def configure_logging(settings: Settings) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
+    # The last steps: JSON escapes what it writes; the console renderer needs the escaping done.
+    rendering: list[Any] = (
+        [structlog.processors.JSONRenderer()]
         if settings.json_logs
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else [
+            escape_control_characters,
+            structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()),
+        ]
     )
     structlog.configure(
         processors=[
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
-            renderer,
+            *rendering,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(_STDOUT),  # type: ignore[arg-type]
@@ -69,7 +147,7 @@ def configure_logging(settings: Settings) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                renderer,
+                *rendering,
             ],
         )
     )

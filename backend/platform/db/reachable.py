@@ -4,10 +4,10 @@ import time
 
 import psycopg2
 import structlog
-from sqlalchemy.engine import make_url
 
 from backend.platform.config import Settings
 from backend.platform.db.engine import connection_class
+from backend.platform.logging import redacted_url
 
 log = structlog.get_logger("backend.db")
 
@@ -44,9 +44,8 @@ def refuse_unless_reachable(settings: Settings, *, setting: str = "DATABASE_URL_
         except psycopg2.Error as exc:
             reason = " ".join(str(exc).split())
             if time.monotonic() + delay >= deadline:
-                shown = make_url(_libpq_url(url)).render_as_string(hide_password=True)
                 raise DatabaseUnreachable(
-                    f"{setting} ({shown}) cannot be reached: {reason}"
+                    f"{setting} ({redacted_url(url)}) cannot be reached: {reason}"
                 ) from None
             log.warning("db.unavailable_at_startup", setting=setting, error=reason, retry_in=delay)
             time.sleep(delay)

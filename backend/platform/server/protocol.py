@@ -1,0 +1,260 @@
+"""uvicorn's httptools protocol with a bounded request header block, a header deadline, and a
+way for the app to cut a connection mid-response.
+
+uvicorn (through 0.54) puts no limit on the header block: httptools joins each header's
+fragments by concatenation, so one 100 MB header held the event loop for 12.4 s, five unfinished
+50 MB blocks held 245 MB, 100,000 header lines were accepted, and a client trickling its headers
+held its connection forever. Here:
+
+- At most `MAX_HEADER_BYTES` of a request line and headers reach the parser: while a header block
+  is being read, only what is left of that allowance is fed, and a block still unfinished when
+  it is spent is answered 431 (400 when the request line alone took it) and the connection
+  closed. A read that ends the headers and carries a body is not refused for its size: once the
+  headers are complete the rest goes to the parser as usual. The count restarts with each
+  request; a pipelined request that begins inside the read that ends the previous one counts
+  from what the parser has delivered of it (its target and whole header lines), so its block
+  may pass the limit by the rest of that one read, which is itself at most `MAX_HEADER_BYTES`
+  (bodies are fed in pieces no larger).
+- More than `MAX_HEADER_FIELDS` fields is 431.
+- A header block not complete `HEADER_TIMEOUT_SECONDS` after its first byte is answered 408, and a
+  new connection that sends nothing for as long is closed (uvicorn's keep-alive timeout only
+  starts after a first response).
+
+Each refusal is one `http.refused` log line: reason, status and the peer's address, never a
+header. The common request (its headers in one read) costs a few attribute reads and one
+comparison more than uvicorn's; no timer is armed unless the headers span reads.
+
+`ABORT_EXTENSION` in each request's scope lets the app abort the connection mid-response, so
+that a client sees a cut connection rather than a clean end of a response that is incomplete.
+"""
+
+import asyncio
+import json
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import structlog
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from backend.platform.config import HeaderLimits, get_header_limits
+
+ABORT_EXTENSION = "todo.abort_connection"
+
+# What a request line costs beyond its target ("DELETE " and " HTTP/1.1\r\n" fit in it): a
+# refusal whose block is (almost) all target blames the request line.
+_REQUEST_LINE_OVERHEAD = 32
+
+log = structlog.get_logger("backend.http")
+
+
+class HeaderLimitedProtocol(HttpToolsProtocol):
+    """uvicorn's `HttpToolsProtocol`, refusing header blocks over the limits (module docstring).
+
+    `limits` (a class attribute) fixes the limits, for tests; left None, each process reads them
+    once from the environment, so that workers spawned by `--workers` get them too.
+    """
+
+    limits: ClassVar[HeaderLimits | None] = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limits = self.limits or get_header_limits()
+        self._max_header_bytes = limits.MAX_HEADER_BYTES
+        self._max_header_fields = limits.MAX_HEADER_FIELDS
+        self._header_timeout = limits.HEADER_TIMEOUT_SECONDS
+        # Between requests or inside a header block (not inside a body).
+        self._reading_headers = True
+        self._in_message = False
+        # Set when a request ended during the piece being fed: the bytes after it are another's.
+        self._message_ended = False
+        self._header_bytes = 0
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._block_timed = False
+        self._refused = False
+
+    # --- the connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self._header_timeout, self._deadline_passed)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: nothing more reaches the parser
+        limit = self._max_header_bytes
+        rest: bytes | memoryview[int] = data
+        while True:
+            if self._reading_headers:
+                allowance = limit - self._header_bytes
+                if allowance <= 0:
+                    self._refuse_oversized_block()
+                    return
+            else:
+                allowance = limit  # a body, in pieces no larger (see the module docstring)
+            piece: bytes | memoryview[int]
+            if len(rest) > allowance:
+                view = memoryview(rest)  # slices of it copy nothing
+                piece, rest = view[:allowance], view[allowance:]
+            else:
+                piece, rest = rest, b""
+            self._message_ended = False
+            super().data_received(piece)  # type: ignore[arg-type]
+            if self._reading_headers and not self._refused:
+                self._count_header_bytes(len(piece))
+            if not rest or self._refused or self.transport.is_closing():
+                return
+            if self.parser.should_upgrade():
+                return  # uvicorn handed the connection on (or refused the upgrade) as it does
+
+    # --- parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_message = True
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        self._cancel_header_timer()
+        if len(self.headers) > self._max_header_fields:
+            # Answered through uvicorn's own response path, in turn after any pipelined
+            # request before it, by an app that refuses instead of the service's.
+            app, self.app = self.app, self._answer_too_many_fields
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:
+            transport = self.transport
+
+            def abort() -> None:
+                # uvicorn then neither writes more nor logs an unfinished response as an error.
+                cycle.disconnected = True
+                transport.abort()
+
+            extensions = self.scope.setdefault("extensions", {})
+            extensions[ABORT_EXTENSION] = {"abort": abort}
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_message = False
+        self._reading_headers = True
+        self._message_ended = True
+        self._header_bytes = 0
+
+    # --- the limits ----------------------------------------------------------------------------
+
+    def _count_header_bytes(self, fed: int) -> None:
+        if self._message_ended:
+            # The piece held the end of a request; only what came after it is the new block's.
+            self._header_bytes = self._delivered_bytes() if self._in_message else 0
+        else:
+            self._header_bytes += fed
+        if not self._header_bytes:
+            return
+        if self._in_message and len(self.headers) > self._max_header_fields:
+            self._refuse(
+                431, "too_many_fields", f"More than {self._max_header_fields} header fields."
+            )
+            return
+        if not self._block_timed:
+            # The headers span reads: from now on they have until the deadline.
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(self._header_timeout, self._deadline_passed)
+            self._block_timed = True
+
+    def _delivered_bytes(self) -> int:
+        """What the parser has handed over of a request that began inside the last piece."""
+        fields = sum(len(name) + len(value) + 4 for name, value in self.headers)
+        return _REQUEST_LINE_OVERHEAD + len(self.url) + fields
+
+    def _refuse_oversized_block(self) -> None:
+        limit = self._max_header_bytes
+        if self._in_message and len(self.url) + _REQUEST_LINE_OVERHEAD >= self._header_bytes:
+            self._refuse(400, "request_line_too_long", f"Request line over {limit} bytes.")
+        else:
+            self._refuse(
+                431, "header_block_too_large", f"Request line and headers over {limit} bytes."
+            )
+
+    def _deadline_passed(self) -> None:
+        self._header_timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self._block_timed:
+            self._refuse(
+                408,
+                "header_timeout",
+                f"The request's headers took longer than {self._header_timeout:g} s.",
+            )
+        else:
+            # Connected and silent: nothing to answer.
+            self._refused = True
+            log.warning("http.refused", reason="silent_connection", client=self._peer())
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str, detail: str) -> None:
+        """Answer `status` with `{"detail": detail}` and close; nothing more is parsed."""
+        self._refused = True
+        self._cancel_header_timer()
+        log.warning("http.refused", reason=reason, status=status, client=self._peer())
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier request's response is still being written, and nothing may go out
+            # ahead of it: it is finished, then the connection closes.
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        self.transport.write(_json_response(status, detail, self.server_state.default_headers))
+        self.transport.close()
+
+    async def _answer_too_many_fields(self, scope: Any, receive: Any, send: Any) -> None:
+        status, detail = 431, f"More than {self._max_header_fields} header fields."
+        log.warning("http.refused", reason="too_many_fields", status=status, client=self._peer())
+        body = json.dumps({"detail": detail}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        self._block_timed = False
+
+    def _peer(self) -> str | None:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else None
+
+
+def _json_response(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
+    head += [name + b": " + value + b"\r\n" for name, value in default_headers]
+    head += [
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join(head) + body

@@ -1,4 +1,4 @@
-"""Throwaway databases and the service as real uvicorn processes, for start-up tests."""
+"""Throwaway databases and the service as real processes (`python -m backend`), for start-up tests."""
 
 import os
 import subprocess
@@ -46,9 +46,10 @@ def service_env(database_url: str, **settings: str) -> dict[str, str]:
 
 
 def start_uvicorn(env: dict[str, str], port: int, *options: str) -> subprocess.Popen[str]:
-    """`uvicorn backend.main:app` on `port`, as an operator runs it; output collected."""
+    """`python -m backend` (uvicorn, our protocol) on `port`, as an operator runs it; output
+    collected."""
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port), *options],
+        [sys.executable, "-m", "backend", "--port", str(port), *options],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

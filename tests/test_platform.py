@@ -457,6 +457,7 @@ def test_get_right_after_a_write_sees_it(live_url, committed_user, make_token):
 
 
 def test_uvicorn_serves_backend_main_app(database_url):
+    """Plain `uvicorn backend.main:app` still serves (without the header limits: README)."""
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": GOOD_SECRET}
     process = subprocess.Popen(

@@ -7,22 +7,24 @@ fragments by concatenation, so one 100 MB header held the event loop for 12.4 s,
 held its connection forever. Here:
 
 - At most `MAX_HEADER_BYTES` of a request line and headers reach the parser: while a header block
-  is being read, only what is left of that allowance is fed, and a block still unfinished when
-  it is spent is answered 431 (400 when the request line alone took it) and the connection
-  closed. A read that ends the headers and carries a body is not refused for its size: once the
-  headers are complete the rest goes to the parser as usual. The count restarts with each
-  request; a pipelined request that begins inside the read that ends the previous one counts
-  from what the parser has delivered of it (its target and whole header lines), so its block
-  may pass the limit by the rest of that one read, which is itself at most `MAX_HEADER_BYTES`
-  (bodies are fed in pieces no larger).
+  is being read, only what is left of that allowance is fed (and no further than the block's
+  end when it is in view), and a block still unfinished when it is spent is answered 431 (400
+  when the request line alone took it) and the connection closed. A read that ends the headers
+  and carries a body is not refused for its size: once the headers are complete the rest goes
+  to the parser as usual. The count restarts with each request, exactly when the request
+  begins a piece fed to the parser, as every request after headers alone does. A pipelined
+  request that begins inside a piece of the previous request's body is counted from what the
+  parser has delivered of it (its target and whole header lines), so its block may pass the
+  limit by the rest of that piece, itself at most `MAX_HEADER_BYTES` (bodies are fed in pieces
+  no larger).
 - More than `MAX_HEADER_FIELDS` fields is 431.
 - A header block not complete `HEADER_TIMEOUT_SECONDS` after its first byte is answered 408, and a
   new connection that sends nothing for as long is closed (uvicorn's keep-alive timeout only
   starts after a first response).
 
 Each refusal is one `http.refused` log line: reason, status and the peer's address, never a
-header. The common request (its headers in one read) costs a few attribute reads and one
-comparison more than uvicorn's; no timer is armed unless the headers span reads.
+header. The common request (its headers in one read) costs a search for its blank line and a
+few attribute reads more than uvicorn's; no timer is armed unless the headers span reads.
 
 `ABORT_EXTENSION` in each request's scope lets the app abort the connection mid-response, so
 that a client sees a cut connection rather than a clean end of a response that is incomplete.
@@ -79,6 +81,8 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._block_timed = False
         self._refused = False
+        # A refusal that waits for the responses to earlier pipelined requests.
+        self._pending_answer: bytes | None = None
 
     # --- the connection ----------------------------------------------------------------------
 
@@ -94,29 +98,34 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         if self._refused:
             return  # answered and closing: nothing more reaches the parser
         limit = self._max_header_bytes
-        rest: bytes | memoryview[int] = data
+        size = len(data)
+        start = 0
         while True:
             if self._reading_headers:
                 allowance = limit - self._header_bytes
                 if allowance <= 0:
                     self._refuse_oversized_block()
                     return
+                stop = min(size, start + allowance)
+                # Only up to the end of the block when it is in view, so that a pipelined
+                # request after it starts a piece of its own and is counted exactly.
+                end = data.find(b"\r\n\r\n", start, stop)
+                if end >= 0:
+                    stop = end + 4
             else:
-                allowance = limit  # a body, in pieces no larger (see the module docstring)
-            piece: bytes | memoryview[int]
-            if len(rest) > allowance:
-                view = memoryview(rest)  # slices of it copy nothing
-                piece, rest = view[:allowance], view[allowance:]
-            else:
-                piece, rest = rest, b""
+                stop = min(size, start + limit)  # a body, in pieces no larger
             self._message_ended = False
-            super().data_received(piece)  # type: ignore[arg-type]
+            if start == 0 and stop == size:
+                super().data_received(data)  # the common case: one read, one request
+            else:
+                super().data_received(memoryview(data)[start:stop])  # type: ignore[arg-type]
             if self._reading_headers and not self._refused:
-                self._count_header_bytes(len(piece))
-            if not rest or self._refused or self.transport.is_closing():
+                self._count_header_bytes(stop - start)
+            if stop == size or self._refused or self.transport.is_closing():
                 return
             if self.parser.should_upgrade():
                 return  # uvicorn handed the connection on (or refused the upgrade) as it does
+            start = stop
 
     # --- parser callbacks ----------------------------------------------------------------------
 
@@ -155,6 +164,13 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._reading_headers = True
         self._message_ended = True
         self._header_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._pending_answer is not None and not self.pipeline and self.cycle.response_complete:
+            self._unset_keepalive_if_required()
+            self.transport.write(self._pending_answer)
+            self.transport.close()
 
     # --- the limits ----------------------------------------------------------------------------
 
@@ -212,13 +228,14 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._refused = True
         self._cancel_header_timer()
         log.warning("http.refused", reason=reason, status=status, client=self._peer())
+        answer = _json_response(status, detail, self.server_state.default_headers)
         if self.cycle is not None and not self.cycle.response_complete:
-            # An earlier request's response is still being written, and nothing may go out
-            # ahead of it: it is finished, then the connection closes.
-            self.cycle.keep_alive = False
+            # Earlier pipelined requests are still being answered, and nothing may go out
+            # ahead of them: this answer follows the last of them (on_response_complete).
+            self._pending_answer = answer
             self.flow.pause_reading()
             return
-        self.transport.write(_json_response(status, detail, self.server_state.default_headers))
+        self.transport.write(answer)
         self.transport.close()
 
     async def _answer_too_many_fields(self, scope: Any, receive: Any, send: Any) -> None:

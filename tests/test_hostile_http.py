@@ -60,7 +60,11 @@ def service(database_url: str, **settings: str) -> Iterator[Service]:
     port = free_port()
     with tempfile.TemporaryFile() as log:  # a pipe nobody reads would block the server
         process = start_uvicorn(
-            service_env(database_url, **settings), port, "--no-access-log", output=log
+            # Two pooled connections: the database is shared, the requests here need few.
+            service_env(database_url, DB_POOL_SIZE="2", **settings),
+            port,
+            "--no-access-log",
+            output=log,
         )
         try:
             wait_healthy(process, port, timeout=60)

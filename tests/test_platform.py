@@ -493,7 +493,8 @@ def test_compose_file_describes_db_and_api():
     assert api["env_file"] == ".env" and db["env_file"] == ".env"
     assert "@db:5432/" in api["environment"]["DATABASE_URL"]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "backend.main:app" in dockerfile
+    # The launcher (backend.main:app with the header-limited protocol), not plain uvicorn.
+    assert '"python", "-m", "backend"' in dockerfile
     assert "COPY pyproject.toml uv.lock" in dockerfile and "uv sync --frozen" in dockerfile
 
 

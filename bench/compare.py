@@ -4,10 +4,11 @@
     .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
-server), starts the service (`python -m backend`, as production runs it) and the baseline (`uvicorn`) on
-it, one uvicorn worker each (--workers), seeds users and tasks straight into the tables, then for each
-operation runs wrk (bench/wrk.lua, as bench/run.py does) against the service and the baseline
-in turn, --rounds times, and prints requests per second, p99 and the ratio of the two sums.
+server), starts the service (`python -m backend`, as production runs it) and the baseline
+(`uvicorn`) on it, one uvicorn worker each (--workers), seeds users and tasks straight into the
+tables, then for each operation runs wrk (bench/wrk.lua, as bench/run.py does) against the
+service and the baseline in turn, --rounds times, and prints requests per second, p99 and the
+ratio of the two sums.
 Alternating keeps a machine whose speed drifts from favouring either. At the end both servers
 stop and the database is dropped. Exit status 1 on any error or non-2xx answer.
 

@@ -32,12 +32,13 @@ that a client sees a cut connection rather than a clean end of a response that i
 
 import asyncio
 import json
+import weakref
 from http import HTTPStatus
 from typing import Any, ClassVar
 
 import structlog
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from backend.platform.config import HeaderLimits, get_header_limits
@@ -74,15 +75,15 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._header_timeout = limits.HEADER_TIMEOUT_SECONDS
         # Between requests or inside a header block (not inside a body).
         self._reading_headers = True
-        self._in_message = False
+        # The scope of the last request that ended: a request is in progress while uvicorn's
+        # current scope is another (it makes one per request in on_message_begin).
+        self._ended_scope: object = None
         # Set when a request ended during the piece being fed: the bytes after it are another's.
         self._message_ended = False
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._block_timed = False
         self._refused = False
-        # A refusal that waits for the responses to earlier pipelined requests.
-        self._pending_answer: bytes | None = None
 
     # --- the connection ----------------------------------------------------------------------
 
@@ -120,7 +121,10 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
             else:
                 super().data_received(memoryview(data)[start:stop])  # type: ignore[arg-type]
             if self._reading_headers and not self._refused:
-                self._count_header_bytes(stop - start)
+                if self._message_ended and self.scope is self._ended_scope:
+                    self._header_bytes = 0  # the common case: one request, done, none begun
+                else:
+                    self._count_header_bytes(stop - start)
             if stop == size or self._refused or self.transport.is_closing():
                 return
             if self.parser.should_upgrade():
@@ -129,13 +133,10 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     # --- parser callbacks ----------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_message = True
-
     def on_headers_complete(self) -> None:
         self._reading_headers = False
-        self._cancel_header_timer()
+        if self._header_timer is not None:
+            self._cancel_header_timer()
         if len(self.headers) > self._max_header_fields:
             # Answered through uvicorn's own response path, in turn after any pipelined
             # request before it, by an app that refuses instead of the service's.
@@ -148,29 +149,19 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:
-            transport = self.transport
-
-            def abort() -> None:
-                # uvicorn then neither writes more nor logs an unfinished response as an error.
-                cycle.disconnected = True
-                transport.abort()
-
             extensions = self.scope.setdefault("extensions", {})
-            extensions[ABORT_EXTENSION] = {"abort": abort}
+            extensions[ABORT_EXTENSION] = {"abort": _Abort(cycle, self.transport)}
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_message = False
+        self._ended_scope = self.scope
         self._reading_headers = True
         self._message_ended = True
         self._header_bytes = 0
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._pending_answer is not None and not self.pipeline and self.cycle.response_complete:
-            self._unset_keepalive_if_required()
-            self.transport.write(self._pending_answer)
-            self.transport.close()
+    @property
+    def _in_message(self) -> bool:
+        return self.scope is not self._ended_scope
 
     # --- the limits ----------------------------------------------------------------------------
 
@@ -229,11 +220,21 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         log.warning("http.refused", reason=reason, status=status, client=self._peer())
         answer = _json_response(status, detail, self.server_state.default_headers)
-        if self.cycle is not None and not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
             # Earlier pipelined requests are still being answered, and nothing may go out
-            # ahead of them: this answer follows the last of them (on_response_complete).
-            self._pending_answer = answer
+            # ahead of them: this answer follows the response to the last of them.
             self.flow.pause_reading()
+            responded = cycle.on_response
+
+            def answer_after_it() -> None:
+                responded()
+                if not self.transport.is_closing():  # else it asked to close after it
+                    self._unset_keepalive_if_required()
+                    self.transport.write(answer)
+                    self.transport.close()
+
+            cycle.on_response = answer_after_it
             return
         self.transport.write(answer)
         self.transport.close()
@@ -263,6 +264,25 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     def _peer(self) -> str | None:
         return f"{self.client[0]}:{self.client[1]}" if self.client else None
+
+
+class _Abort:
+    """The abort extension's callable. It holds its cycle weakly: the cycle holds the scope that
+    holds this, and a reference cycle per request would leave each request's objects to the
+    garbage collector instead of freeing them when the request is done."""
+
+    __slots__ = ("_cycle", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
+        self._cycle = weakref.ref(cycle)
+        self._transport = transport
+
+    def __call__(self) -> None:
+        cycle = self._cycle()
+        if cycle is not None:
+            # uvicorn then neither writes more nor logs an unfinished response as an error.
+            cycle.disconnected = True
+        self._transport.abort()
 
 
 def _json_response(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:

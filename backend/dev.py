@@ -116,7 +116,15 @@ def _serve() -> None:
         f"  curl -s -H 'Authorization: Bearer {token}' {base}/api/{DEMO_USER}/tasks\n",
         flush=True,
     )
-    uvicorn.run(create_app(settings, engine=engine), host=host, port=port, log_config=None)
+    from backend.platform.server.protocol import HeaderLimitedProtocol
+
+    uvicorn.run(
+        create_app(settings, engine=engine),
+        host=host,
+        port=port,
+        log_config=None,
+        http=HeaderLimitedProtocol,  # as `python -m backend` serves in production
+    )
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
     .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
-server), starts the service (`uvicorn backend.main:app`) and the baseline on it, one uvicorn
-worker each (--workers), seeds users and tasks straight into the tables, then for each
-operation runs wrk (bench/wrk.lua, as bench/run.py does) against the service and the baseline
-in turn, --rounds times, and prints requests per second, p99 and the ratio of the two sums.
+server), starts the service (`python -m backend`, as production runs it) and the baseline
+(`uvicorn`) on it, one uvicorn worker each (--workers), seeds users and tasks straight into the
+tables, then for each operation runs wrk (bench/wrk.lua, as bench/run.py does) against the
+service and the baseline in turn, --rounds times, and prints requests per second, p99 and the
+ratio of the two sums.
 Alternating keeps a machine whose speed drifts from favouring either. At the end both servers
 stop and the database is dropped. Exit status 1 on any error or non-2xx answer.
 
@@ -70,9 +71,12 @@ def main() -> int:
             "LOG_FORMAT": "json",
         }
         with (
-            server(["backend.main:app"], env, args.workers, "service") as service_url,
+            server(["backend"], env, args.workers, "service") as service_url,
             server(
-                ["--app-dir", str(HERE), "baseline_app:app"], env, args.workers, "baseline"
+                ["uvicorn", "--app-dir", str(HERE), "baseline_app:app"],
+                env,
+                args.workers,
+                "baseline",
             ) as baseline_url,
         ):
             ids = seed(database_url, args)
@@ -154,12 +158,13 @@ def libpq(url: str) -> str:
 
 
 @contextmanager
-def server(app: list[str], env: dict[str, str], workers: int, name: str) -> Iterator[str]:
-    """`uvicorn <app>` on a free port until the block ends; yields its base URL."""
+def server(module: list[str], env: dict[str, str], workers: int, name: str) -> Iterator[str]:
+    """`python -m <module...>` (uvicorn's options) on a free port until the block ends; yields
+    its base URL."""
     port = free_port()
     log = tempfile.TemporaryFile()  # a pipe nobody reads would block the server
     process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
-        [sys.executable, "-m", "uvicorn", *app, "--port", str(port), "--no-access-log"]
+        [sys.executable, "-m", *module, "--port", str(port), "--no-access-log"]
         + ["--log-level", "warning", "--workers", str(workers)],
         cwd=ROOT,
         env=env,

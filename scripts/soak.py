@@ -8,7 +8,7 @@
 
 It makes a throwaway database on the PostgreSQL given by --database-url (default
 $TEST_DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/postgres), starts
-`uvicorn backend.main:app` on it, and runs one client per connection, each signed in as its own
+`python -m backend` on it, and runs one client per connection, each signed in as its own
 user doing creates, lists, gets, renames, toggles and deletes of its own tasks in turn. Then it
 compares what the clients were told with what the database holds and prints the figures:
 requests, answers by status, latency, writes acknowledged and writes found. It exits 1 when any
@@ -259,7 +259,7 @@ def main() -> int:
         env = {**os.environ, "DATABASE_URL": service_url, "BETTER_AUTH_SECRET": secret}
         env["LOG_LEVEL"] = "WARNING"  # one line per request would measure the log, not the service
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed arguments
-            [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)]
+            [sys.executable, "-m", "backend", "--port", str(port)]
             # A starved client can leave a kept-alive connection idle past uvicorn's 5 s and
             # lose the race with its close: that measures the client, not the service.
             + ["--timeout-keep-alive", "60"],

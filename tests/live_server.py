@@ -1,5 +1,6 @@
 """An app served by a real uvicorn in a background thread, for tests that need real sockets."""
 
+import asyncio
 import socket
 import threading
 import time
@@ -7,7 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
+
+from backend.platform.server.protocol import HeaderLimitedProtocol
 
 
 def free_port() -> int:
@@ -18,9 +21,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: FastAPI, *, start_timeout: float = 20) -> Iterator[str]:
-    """Yield the base URL of `app` on a free port (lifespan included); stop it afterwards."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+def serve(
+    app: ASGIApp,
+    *,
+    start_timeout: float = 20,
+    http: type[asyncio.Protocol] = HeaderLimitedProtocol,
+) -> Iterator[str]:
+    """Yield the base URL of `app` on a free port (lifespan included); stop it afterwards.
+
+    Served with the protocol `python -m backend` serves with, unless `http` names another."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

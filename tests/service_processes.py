@@ -1,4 +1,5 @@
-"""Throwaway databases and the service as real uvicorn processes, for start-up tests."""
+"""Throwaway databases and the service as real processes (`python -m backend`), for start-up
+tests."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 from sqlalchemy import create_engine, text
@@ -45,13 +47,16 @@ def service_env(database_url: str, **settings: str) -> dict[str, str]:
     }
 
 
-def start_uvicorn(env: dict[str, str], port: int, *options: str) -> subprocess.Popen[str]:
-    """`uvicorn backend.main:app` on `port`, as an operator runs it; output collected."""
+def start_uvicorn(
+    env: dict[str, str], port: int, *options: str, output: IO[bytes] | None = None
+) -> subprocess.Popen[str]:
+    """`python -m backend` (uvicorn, our protocol) on `port`, as an operator runs it; output
+    collected (or written to `output`)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port), *options],
+        [sys.executable, "-m", "backend", "--port", str(port), *options],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if output is None else output,
         stderr=subprocess.STDOUT,
         text=True,
     )

@@ -77,7 +77,7 @@ def workers(database_url: str, tmp_path: Path) -> Iterator[Workers]:
     )
     log = (tmp_path / "uvicorn.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)]
+        [sys.executable, "-m", "backend", "--port", str(port)]
         + ["--workers", "2", "--timeout-graceful-shutdown", "5"],
         cwd=ROOT,
         env=env,

@@ -50,7 +50,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_closes_the_pool(
         "DB_STATEMENT_TIMEOUT_MS": "30000",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)]
+        [sys.executable, "-m", "backend", "--port", str(port)]
         + ["--timeout-graceful-shutdown", "20"],
         cwd=ROOT,
         env=env,

@@ -99,7 +99,7 @@ def service(
     log_path = tmp / "uvicorn.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+            [sys.executable, "-m", "backend", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -31,7 +31,37 @@ def _algorithm_list(setting: str, value: str, supported: tuple[str, ...]) -> str
     return ",".join(algorithms)
 
 
-class Settings(BaseSettings):
+class HeaderLimits(BaseSettings):
+    """The limits on a request's header block: the HTTP protocol reads these alone, once per
+    process, before any app exists (a worker started by `--workers` builds its app later), so
+    they must not depend on the rest of the settings being valid. `Settings` includes them."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    MAX_HEADER_BYTES: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="Largest request line plus headers, in bytes (431 beyond; 400 for the line).",
+    )
+    MAX_HEADER_FIELDS: int = Field(
+        default=100, ge=1, le=10_000, description="Most header fields in a request (431 beyond)."
+    )
+    HEADER_TIMEOUT_SECONDS: float = Field(
+        default=10,
+        gt=0,
+        le=600,
+        description="Seconds a client may take to send a request's headers (408 beyond), and "
+        "that a new connection may stay silent.",
+    )
+
+
+@lru_cache
+def get_header_limits() -> HeaderLimits:
+    return HeaderLimits()
+
+
+class Settings(HeaderLimits):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     DATABASE_URL: str = Field(

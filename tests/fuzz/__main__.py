@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
     }
     with log_path.open("wb") as log:
         server = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "uvicorn", "backend.main:app", "--port", str(port)],
+            [sys.executable, "-m", "backend", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -242,8 +242,7 @@ def stack(
         [
             sys.executable,
             "-m",
-            "uvicorn",
-            "backend.main:app",
+            "backend",
             "--host",
             "127.0.0.1",
             "--port",

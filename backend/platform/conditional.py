@@ -30,6 +30,11 @@ def weak_etag_of(body: bytes) -> str:
     return f'W/"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
 
 
+def weak_etag(opaque: str) -> str:
+    """A weak tag from an opaque string the caller derived (letters, digits, `-` and `.`)."""
+    return f'W/"{opaque}"'
+
+
 def parse_entity_tags(header: str) -> list[tuple[bool, str]] | None:
     """`If-Match` / `If-None-Match` as (weak, opaque-tag) pairs, or None for `*`.
 

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     DB_STARTUP_WAIT_SECONDS: float = Field(default=30.0, ge=0, le=600)
 
     MAX_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    LIST_CHUNK_ROWS: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Rows a list reads and sends at a time; a longer list is streamed in chunks.",
+    )
 
     METRICS_TOKEN: str = Field(
         default="",

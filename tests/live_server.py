@@ -5,6 +5,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,9 +19,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: FastAPI, *, start_timeout: float = 20) -> Iterator[str]:
-    """Yield the base URL of `app` on a free port (lifespan included); stop it afterwards."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on")
+def serve(app: FastAPI, *, start_timeout: float = 20, **options: Any) -> Iterator[str]:
+    """Yield the base URL of `app` on a free port (lifespan included); stop it afterwards.
+    `options` go to `uvicorn.Config` (`http=` a protocol class, say)."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

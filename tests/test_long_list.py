@@ -45,17 +45,25 @@ RSS_GROWTH_MB = 50
 
 def insert_tasks(engine: Engine, user_id: str, count: int, *, description: int = 900) -> None:
     """`count` tasks of about 1 KB each (as an attacker would make them: long titles and
-    descriptions), a millisecond apart, some a microsecond apart, straight into the table."""
+    descriptions), a millisecond apart, some a microsecond apart, straight into the table;
+    in batches that each stay well within the statement timeout on a busy machine."""
     with engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO tasks (user_id, title, description, completed, created_at) "
-                "SELECT :user_id, 'Task ' || i || repeat(' t', 40), repeat('d', :description),"
-                " i % 3 = 0, now() - i * interval '1 millisecond' - (i % 7) * interval '1 us' "
-                "FROM generate_series(1, :count) AS i"
-            ),
-            {"user_id": user_id, "count": count, "description": description},
-        )
+        for first in range(1, count + 1, 20_000):
+            connection.execute(
+                text(
+                    "INSERT INTO tasks (user_id, title, description, completed, created_at) "
+                    "SELECT :user_id, 'Task ' || i || repeat(' t', 40), "
+                    "repeat('d', :description), i % 3 = 0, "
+                    "now() - i * interval '1 millisecond' - (i % 7) * interval '1 us' "
+                    "FROM generate_series(:first, :last) AS i"
+                ),
+                {
+                    "user_id": user_id,
+                    "first": first,
+                    "last": min(first + 19_999, count),
+                    "description": description,
+                },
+            )
         connection.execute(text("ANALYZE tasks"))
 
 

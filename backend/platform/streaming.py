@@ -123,12 +123,10 @@ class ChunkedJSONArray(Response):
         super().__init__(headers={"ETag": etag}, media_type=self.media_type)
         # No Content-Length: the server sends the body with chunked transfer encoding.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.database, self.listing, self.chunk_rows, self.params = (
-            database,
-            listing,
-            chunk_rows,
-            params,
-        )
+        self.database = database
+        self.listing = listing
+        self.chunk_rows = chunk_rows
+        self.params = params
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
@@ -148,7 +146,9 @@ class ChunkedJSONArray(Response):
         listing, rows = self.listing, self.chunk_rows
         after: Any = None
         opening = b"["  # before the first item, then a comma before each chunk's first
-        while not gone.is_set():
+        while True:
+            if gone.is_set():
+                return  # nobody to send the rest to
             try:
                 items = await self.database.run(
                     listing.chunk, after=after, limit=rows, **self.params

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -26,12 +27,14 @@ def serve(
     *,
     start_timeout: float = 20,
     http: type[asyncio.Protocol] = HeaderLimitedProtocol,
+    **options: Any,
 ) -> Iterator[str]:
     """Yield the base URL of `app` on a free port (lifespan included); stop it afterwards.
 
-    Served with the protocol `python -m backend` serves with, unless `http` names another."""
+    Served with the protocol `python -m backend` serves with, unless `http` names another;
+    other `options` go to `uvicorn.Config`."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", http=http
+        app, host="127.0.0.1", port=0, log_config=None, lifespan="on", http=http, **options
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from backend.platform.server.protocol import ABORT_EXTENSION
+from backend.platform.server.abort import ABORT_EXTENSION
 from tests.live_server import serve
 
 

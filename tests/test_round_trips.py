@@ -87,6 +87,27 @@ def test_each_operation_is_one_statement_committed_on_its_own(
         assert left == 0
 
 
+def test_a_long_list_is_a_statement_per_chunk_each_on_its_own(
+    settings: Settings,
+    serving_engine: Engine,
+    statements: list[tuple[str, bool]],
+    committed_user: str,
+    make_token: Any,
+) -> None:
+    """The statement that finds the list long, its tag, then one per chunk of LIST_CHUNK_ROWS:
+    each its own round trip in autocommit, so no connection is held between them."""
+    headers = {"Authorization": f"Bearer {make_token(committed_user)}"}
+    base = f"/api/{committed_user}/tasks"
+    app = create_app(settings.model_copy(update={"LIST_CHUNK_ROWS": 2}), engine=serving_engine)
+    with TestClient(app) as client:
+        for count, chunks in [(3, 2), (4, 3), (5, 3)]:
+            while len(client.get(base, headers=headers).json()) < count:
+                client.post(base, json={"title": "t"}, headers=headers)
+            statements.clear()
+            assert len(client.get(base, headers=headers).json()) == count
+            assert statements == [("SELECT", True)] * (2 + chunks), count
+
+
 def test_a_keyed_or_conditional_write_is_still_one_statement(
     settings: Settings,
     serving_engine: Engine,

@@ -35,7 +35,7 @@ from sqlmodel import Field as ColumnField
 from sqlmodel import SQLModel
 
 from backend.platform.auth import AuthenticatedRoute
-from backend.platform.conditional import strong_etag, weak_etag_of
+from backend.platform.conditional import strong_etag
 from backend.platform.errors import TASK_ERRORS, TaskNotFoundError
 from backend.platform.guarded import GuardedRoute
 from backend.platform.users import BetterAuthUser
@@ -216,10 +216,9 @@ def task_response(task: TaskRead, status_code: int = 200) -> Response:
     )
 
 
-def tasks_response(tasks: list[TaskRead]) -> Response:
-    """`task_response` for a list, with a weak `ETag` that changes with any task in it."""
-    body = _TASKS_JSON.dump_json(tasks)
-    return Response(body, headers={"ETag": weak_etag_of(body)}, media_type="application/json")
+def tasks_json(tasks: list[TaskRead]) -> bytes:
+    """Tasks as a JSON array, `[...]`, as the list answers them."""
+    return _TASKS_JSON.dump_json(tasks)
 
 
 def parse_task_id(task_id: str) -> int:

@@ -41,6 +41,11 @@ def field_value(lines: list[str]) -> str:
     return lines[0] if len(lines) == 1 else ", ".join(lines)
 
 
+def weak_etag(opaque: str) -> str:
+    """A weak tag from an opaque string the caller derived (letters, digits, `-` and `.`)."""
+    return f'W/"{opaque}"'
+
+
 def parse_entity_tags(header: str) -> list[tuple[bool, str]] | None:
     """`If-Match` / `If-None-Match` as (weak, opaque-tag) pairs, or None for `*`.
 

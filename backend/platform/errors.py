@@ -76,14 +76,20 @@ async def _unknown_user(_request: Request, _exc: Exception) -> JSONResponse:
     )
 
 
-def _is_unavailable(exc: DBAPIError) -> bool:
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether a database failure is the database's weather (a 503: unreachable, cut, timed
+    out, every connection busy) rather than a bug in a statement (a 500)."""
+    if isinstance(exc, DisconnectionError | PoolTimeoutError):
+        return True
     # OperationalError covers refused/dropped connections and statement timeouts (QueryCanceled);
     # connection_invalidated covers disconnects SQLAlchemy detected under other classes.
-    return isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+    return isinstance(exc, DBAPIError) and (
+        isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated
+    )
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, DBAPIError) and not _is_unavailable(exc):
+    if isinstance(exc, DBAPIError) and not database_unavailable(exc):
         # A constraint or data error we did not anticipate: a bug, logged with its traceback.
         log.error("db.error", error=type(exc.orig).__name__, exc_info=exc)
         return JSONResponse({"detail": "Internal error"}, status.HTTP_500_INTERNAL_SERVER_ERROR)

@@ -12,6 +12,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.platform.config import Settings
+from backend.platform.server.abort import ResponseAborted
 from backend.platform.telemetry.metrics import UNMATCHED_ROUTE, Metrics
 from backend.platform.telemetry.tracing import Tracing, current_trace_id
 
@@ -178,7 +179,9 @@ class RequestLogMiddleware:
     Pure ASGI (not BaseHTTPMiddleware) so that the context variables it binds, and the
     `user_id` that authentication binds later in the same task, reach the final line.
     An exception that escapes the app becomes a JSON 500 here, logged with its traceback,
-    so that even a bug answers `{"detail": ...}` with the request id attached.
+    so that even a bug answers `{"detail": ...}` with the request id attached. A streamed
+    response aborted mid-body (`ResponseAborted`) is logged with the status that was sent and
+    `response_aborted`, and its exception goes on to the server.
     """
 
     def __init__(
@@ -219,6 +222,10 @@ class RequestLogMiddleware:
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_request_id)
+        except ResponseAborted:
+            # Logged where it happened. Raised on so that the server drops the connection: a
+            # body that was cut off must not end as if it were whole.
+            raise
         except Exception:
             log.exception("request.unhandled_error", method=scope["method"], path=scope["path"])
             if not response_started:

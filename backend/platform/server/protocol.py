@@ -42,8 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from backend.platform.config import HeaderLimits, get_header_limits
-
-ABORT_EXTENSION = "todo.abort_connection"
+from backend.platform.server.abort import ABORT_EXTENSION
 
 # What a request line costs beyond its target ("DELETE " and " HTTP/1.1\r\n" fit in it): a
 # refusal whose block is (almost) all target blames the request line.

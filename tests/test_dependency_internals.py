@@ -6,9 +6,14 @@ responses and route class into each route when it was declared. `AuthenticatedRo
 FastAPI building a route's handler through `APIRoute.get_route_handler`. If a FastAPI release
 changes either, these tests say so by name, before a request can be served wrongly; then fix
 `mount_routes`/`AuthenticatedRoute` or cap `fastapi` in pyproject.toml below that release.
+`DirectRoute` reads FastAPI's analysis of each endpoint (`Dependant`, `ModelField.validate`);
+tests/test_direct_route.py compares its answers with FastAPI's own handler's.
 """
 
+import dataclasses
+
 import fastapi
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
 from backend.features.create.router import router as create_router
@@ -18,6 +23,7 @@ from backend.features.list.router import router as list_router
 from backend.features.task_model import TasksRoute
 from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
+from backend.platform import direct_route
 
 SLICES = (create_router, list_router, get_router, update_router, delete_router, toggle_router)
 INCOMPATIBLE = f"FastAPI {fastapi.__version__} changed what mount_routes relies on: "
@@ -75,3 +81,32 @@ def test_the_route_class_authenticates_before_the_body_is_read(client, user):
         f"FastAPI {fastapi.__version__} no longer builds the route's handler through "
         f"AuthenticatedRoute.get_route_handler: {response.status_code} {response.text}"
     )
+
+
+def test_what_the_direct_route_reads_from_fastapi_is_still_there():
+    """`DirectCall.of` (backend/platform/direct_route.py) reads FastAPI's analysis of each
+    endpoint from `route.dependant` and validates values with its `ModelField`s; a release that
+    renames or reshapes these would otherwise leave a route served on guesses."""
+    fields = {field.name for field in dataclasses.fields(Dependant)}
+    read = {
+        "path_params",
+        "query_params",
+        "header_params",
+        "cookie_params",
+        "body_params",
+        "dependencies",
+        "name",
+        "call",
+        "request_param_name",
+        "own_oauth_scopes",
+        "parent_oauth_scopes",
+        *direct_route._UNSUPPORTED_PARAMETERS,
+    }
+    assert read <= fields, INCOMPATIBLE + f"Dependant lost {read - fields}"
+    route = next(r for r in get_router.routes if isinstance(r, APIRoute))
+    (task_id,) = route.dependant.path_params
+    assert (task_id.name, task_id.alias) == ("task_id", "task_id"), INCOMPATIBLE + "path field"
+    assert task_id.validate("42", {}, loc=()) == (42, []), INCOMPATIBLE + "ModelField.validate"
+    value, errors = task_id.validate("0", {}, loc=())
+    assert errors and errors[0]["type"] == "greater_than_equal", INCOMPATIBLE + repr(errors)
+    assert hasattr(route, "_embed_body_fields"), INCOMPATIBLE + "APIRoute._embed_body_fields"

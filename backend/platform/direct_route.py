@@ -10,8 +10,9 @@ JSON body against its model, and awaits the endpoint, which returns a ready `Res
 
 FastAPI's generic handler (`solve_dependencies` and what surrounds it) costs a route shaped
 like ours about as much as a bare Starlette server's whole request. Served this way, `get`
-went from 1,095,678 to 880,083 instructions per request (callgrind, `bench/inprocess.py`;
-the other operations in docs/performance.md).
+went from 1,095,678 to 880,083 instructions per request, and to 829,927 without
+`request_response`'s wrapper (callgrind over `bench/inprocess.py`; the other operations in
+docs/performance.md).
 
 Correctness never depends on this path's coverage:
 - A route whose signature it does not understand (a sync or `yield` dependency, headers,
@@ -30,6 +31,7 @@ Correctness never depends on this path's coverage:
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
 from copy import deepcopy
 from dataclasses import dataclass
 from enum import Enum
@@ -43,7 +45,7 @@ from pydantic import BaseModel, Json
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -259,10 +261,20 @@ def _content_type(scope: Scope) -> bytes | None:
 class DirectRoute(APIRoute):
     """An `APIRoute` whose handler is a `DirectCall` when its signature allows, FastAPI's
     otherwise (`direct` says which). Subclasses that wrap the handler (`AuthenticatedRoute`,
-    `GuardedRoute`) come before it in the bases, so that they wrap this one."""
+    `GuardedRoute`) come before it in the bases, so that they wrap this one.
+
+    A direct route is also served without `request_response`'s per-request exit stacks and
+    exception wrapper: it has no `yield` dependency for the stacks to close, and an exception
+    reaches the same handlers one layer out, in Starlette's `ExceptionMiddleware`. FastAPI's
+    handler, when a request is handed to it, still gets its stacks (`_with_exit_stacks`)."""
 
     direct: DirectCall | None = None
     not_direct_because = ""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        if self.direct is not None and getattr(self, "max_body_size", None) is None:
+            self.app = _serve(self.get_route_handler())
 
     def get_route_handler(self) -> Handler:
         fallback = super().get_route_handler()
@@ -272,4 +284,27 @@ class DirectRoute(APIRoute):
             self.not_direct_because = str(reason)
             self.direct = None
             return fallback
-        return self.direct.handler(fallback, self.dependency_overrides_provider)
+        return self.direct.handler(_with_exit_stacks(fallback), self.dependency_overrides_provider)
+
+
+def _serve(handler: Handler) -> ASGIApp:
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handler(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+    return serve
+
+
+def _with_exit_stacks(handler: Handler) -> Handler:
+    """FastAPI's handler as `request_response` runs it: with the stacks it closes its
+    dependencies on (closed here before the answer is sent; a direct route has none)."""
+
+    async def with_exit_stacks(request: Request) -> Response:
+        scope = request.scope
+        async with AsyncExitStack() as request_stack:
+            scope["fastapi_inner_astack"] = request_stack
+            async with AsyncExitStack() as function_stack:
+                scope["fastapi_function_astack"] = function_stack
+                return await handler(request)
+
+    return with_exit_stacks

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.cors import CORSMiddleware
 
 from backend.features.create.router import router as create_router
 from backend.features.delete.router import router as delete_router
@@ -24,6 +23,7 @@ from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
 from backend.platform.auth import TokenVerifier, document_bearer_auth
 from backend.platform.config import Settings, get_settings
+from backend.platform.cors import CrossOriginMiddleware
 from backend.platform.db import Database, build_engine, close_pool, wait_for_database
 from backend.platform.db.migrate import StartupRefused, prepare_schema
 from backend.platform.db.reachable import DatabaseUnreachable, refuse_unless_reachable
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     # the size limit or any route sees them.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
     app.add_middleware(
-        CORSMiddleware,
+        CrossOriginMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=[

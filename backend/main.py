@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
-from starlette.middleware.cors import CORSMiddleware
 
 from backend.features.create.router import router as create_router
 from backend.features.delete.router import router as delete_router
@@ -24,6 +23,7 @@ from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
 from backend.platform.auth import TokenVerifier, document_bearer_auth
 from backend.platform.config import Settings, get_settings
+from backend.platform.cors import CrossOriginMiddleware
 from backend.platform.db import Database, build_engine, close_pool, wait_for_database
 from backend.platform.db.migrate import StartupRefused, prepare_schema
 from backend.platform.db.reachable import DatabaseUnreachable, refuse_unless_reachable
@@ -119,13 +119,14 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         mount_routes(app, router)
     if metrics is not None:  # without a token there is no /metrics at all: a 404
         mount_routes(app, metrics_router)
+    serve_task_routes_first(app)
     document_bearer_auth(app)
 
     # Added innermost first: the request log wraps everything, CORS answers preflights before
     # the size limit or any route sees them.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
     app.add_middleware(
-        CORSMiddleware,
+        CrossOriginMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=[
@@ -155,6 +156,17 @@ def mount_routes(app: FastAPI, router: APIRouter) -> None:
     nothing else here: no prefix, dependencies or overrides at the app level.
     """
     app.router.routes.extend(router.routes)
+
+
+def serve_task_routes_first(app: FastAPI) -> None:
+    """Move the task routes ahead of FastAPI's documentation routes (`/openapi.json`, `/docs`,
+    `/docs/oauth2-redirect`, `/redoc`), which FastAPI adds first. Starlette tries routes in
+    order, and each one passed costs a request its match (the router took about 12% of a
+    `get`'s event-loop time, py-spy, with these four tried first). No path of one can match
+    the other's, so only the cost changes; the task routes keep their order among themselves,
+    and the OpenAPI document is the same."""
+    routes = app.router.routes
+    routes.sort(key=lambda route: not getattr(route, "path", "").startswith("/api/"))
 
 
 def _app_from_environment() -> FastAPI:

@@ -6,15 +6,19 @@ responses and route class into each route when it was declared. `AuthenticatedRo
 FastAPI building a route's handler through `APIRoute.get_route_handler`. If a FastAPI release
 changes either, these tests say so by name, before a request can be served wrongly; then fix
 `mount_routes`/`AuthenticatedRoute` or cap `fastapi` in pyproject.toml below that release.
+`DirectRoute` reads FastAPI's analysis of each endpoint (`Dependant`, `ModelField.validate`);
+tests/test_direct_route.py compares its answers with FastAPI's own handler's.
 """
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 from typing import Any
 
 import fastapi
 import uvicorn
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from uvicorn.main import main as uvicorn_command
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -27,6 +31,7 @@ from backend.features.list.router import router as list_router
 from backend.features.task_model import TasksRoute
 from backend.features.toggle.router import router as toggle_router
 from backend.features.update.router import router as update_router
+from backend.platform import direct_route
 from backend.platform.config import get_header_limits
 from backend.platform.server import launcher
 from backend.platform.server.protocol import ABORT_EXTENSION, HeaderLimitedProtocol
@@ -279,3 +284,32 @@ def test_uvicorn_command_line_takes_our_protocol_class():
     assert config.http_protocol_class is HeaderLimitedProtocol, (
         UVICORN + "Config(http=<a class>) no longer serves with that class"
     )
+
+
+def test_what_the_direct_route_reads_from_fastapi_is_still_there():
+    """`DirectCall.of` (backend/platform/direct_route.py) reads FastAPI's analysis of each
+    endpoint from `route.dependant` and validates values with its `ModelField`s; a release that
+    renames or reshapes these would otherwise leave a route served on guesses."""
+    fields = {field.name for field in dataclasses.fields(Dependant)}
+    read = {
+        "path_params",
+        "query_params",
+        "header_params",
+        "cookie_params",
+        "body_params",
+        "dependencies",
+        "name",
+        "call",
+        "request_param_name",
+        "own_oauth_scopes",
+        "parent_oauth_scopes",
+        *direct_route._UNSUPPORTED_PARAMETERS,
+    }
+    assert read <= fields, INCOMPATIBLE + f"Dependant lost {read - fields}"
+    route = next(r for r in get_router.routes if isinstance(r, APIRoute))
+    (task_id,) = route.dependant.path_params
+    assert (task_id.name, task_id.alias) == ("task_id", "task_id"), INCOMPATIBLE + "path field"
+    assert task_id.validate("42", {}, loc=()) == (42, []), INCOMPATIBLE + "ModelField.validate"
+    value, errors = task_id.validate("0", {}, loc=())
+    assert errors and errors[0]["type"] == "greater_than_equal", INCOMPATIBLE + repr(errors)
+    assert hasattr(route, "_embed_body_fields"), INCOMPATIBLE + "APIRoute._embed_body_fields"

@@ -24,7 +24,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, text
 
-from backend.platform.db.migrate import compared_objects, head_revisions, target_metadata
+from backend.platform.db.migrate import compared_objects, head_revisions
+from backend.tables import METADATA
 from tests.live_server import free_port
 from tests.pgbouncer import pgbouncer
 from tests.service_processes import (
@@ -99,7 +100,7 @@ def test_instances_started_together_on_an_empty_database_all_serve(
                 connection,
                 opts={"compare_server_default": True, "include_object": compared_objects("user")},
             )
-            assert compare_metadata(context, target_metadata()) == []
+            assert compare_metadata(context, METADATA) == []
             tables = connection.execute(
                 text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
             ).scalars()

@@ -1,6 +1,7 @@
 """The schema's history: the models and the migrations agree, start-up upgrades (and adopts a
 database made before the migrations, every row kept), or, told not to, refuses while behind."""
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +17,8 @@ from backend.platform.db.migrate import (
     FIRST_REVISION,
     compared_objects,
     head_revisions,
-    target_metadata,
 )
+from backend.tables import METADATA
 from tests.live_server import free_port, serve
 from tests.service_processes import (
     SECRET,
@@ -42,16 +43,16 @@ def _drift(engine: Engine, metadata: MetaData) -> list[Any]:
 
 def _copy_of_models() -> MetaData:
     metadata = MetaData()
-    for table in target_metadata().sorted_tables:
+    for table in METADATA.sorted_tables:
         table.to_metadata(metadata)
     return metadata
 
 
 def test_the_models_are_what_the_migrations_make(engine: Engine) -> None:
     """`engine`'s database was made by the migrations alone; autogenerate finds nothing."""
-    assert target_metadata() is SQLModel.metadata
-    assert set(target_metadata().tables) == {"idempotency_keys", "tasks", "user"}
-    assert _drift(engine, target_metadata()) == []
+    assert METADATA is SQLModel.metadata
+    assert set(METADATA.tables) == {"idempotency_keys", "tasks", "user"}
+    assert _drift(engine, METADATA) == []
 
 
 def test_a_model_change_without_a_migration_is_drift(engine: Engine) -> None:
@@ -176,7 +177,7 @@ def test_a_database_made_before_migrations_is_adopted_with_every_row(
             assert {task["title"] for task in listed["old-1"]} == {
                 f"kept {g}" for g in range(1, 31) if g % 3 == 1
             }
-            assert _drift(engine, target_metadata()) == []
+            assert _drift(engine, METADATA) == []
         finally:
             engine.dispose()
 
@@ -247,6 +248,27 @@ def test_with_migrations_off_start_up_serves_once_operators_have_migrated(
         assert upgrade.returncode == 0, upgrade.stderr
         with serve(create_app(_settings(url, DB_MIGRATE_ON_START=False))) as base:
             assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_the_command_line_compares_the_models_that_alembic_ini_names(database_url: str) -> None:
+    """`alembic check` (and autogenerate) find the models through alembic.ini's
+    `target_metadata`, since the platform's migrations do not import the features."""
+    with empty_database(database_url) as url:
+        assert alembic(service_env(url), "upgrade", "head").returncode == 0
+        check = alembic(service_env(url), "check")
+        assert check.returncode == 0, check.stderr
+        assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+
+def test_the_platform_imports_no_feature() -> None:
+    """The platform is the floor: what it needs from the features is handed to it."""
+    platform = Path(__file__).parents[1] / "backend" / "platform"
+    importing = [
+        str(path.relative_to(platform))
+        for path in platform.rglob("*.py")
+        if "backend.features" in path.read_text()
+    ]
+    assert importing == []
 
 
 def test_the_command_line_migrates_without_the_token_secret(database_url: str) -> None:

@@ -8,6 +8,7 @@ direct endpoint when DATABASE_URL_UNPOOLED is set, else DATABASE_URL, which work
 transaction-mode pooler too (see migrations/env.py).
 """
 
+import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,6 @@ from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, MetaData, create_engine, inspect
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
-from sqlmodel import SQLModel
 
 from backend.platform.config import MIN_SECRET_LENGTH, Settings
 from backend.platform.db.engine import connection_class
@@ -188,11 +188,21 @@ def connect_for_migrations(settings: Settings) -> Iterator[Connection]:
         engine.dispose()
 
 
-def target_metadata() -> MetaData:
-    """The models autogenerate compares against: every SQLModel table (`Task`, `BetterAuthUser`)."""
-    import backend.features.task_model  # noqa: F401 - registers Task (and BetterAuthUser)
-
-    return SQLModel.metadata
+def target_metadata(config: Config) -> MetaData | None:
+    """The models autogenerate compares against, as whoever runs the migrations names them:
+    `config.attributes["target_metadata"]`, or alembic.ini's `target_metadata = module:name`
+    (the command line). None for a plain upgrade, which compares nothing. The platform does
+    not import the models itself: they live above it, in the features."""
+    given = config.attributes.get("target_metadata")
+    if given is not None:
+        return given  # type: ignore[no-any-return]
+    named = config.get_main_option("target_metadata")
+    if not named:
+        return None
+    module, _, attribute = named.partition(":")
+    metadata = getattr(importlib.import_module(module), attribute)
+    assert isinstance(metadata, MetaData), f"{named} is not a SQLAlchemy MetaData"
+    return metadata
 
 
 def compared_objects(auth_user_table: str) -> Callable[..., bool]:

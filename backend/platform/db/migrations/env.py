@@ -34,7 +34,7 @@ def run_migrations_offline() -> None:
     config.attributes.setdefault("auth_user_table", settings.AUTH_USER_TABLE)
     context.configure(
         url=settings.sqlalchemy_unpooled_url,
-        target_metadata=target_metadata(),
+        target_metadata=target_metadata(config),
         literal_binds=True,
         compare_server_default=True,
         include_object=compared_objects(config.attributes["auth_user_table"]),
@@ -58,7 +58,7 @@ def run_migrations_online() -> None:
 def migrate(connection: Connection) -> None:
     context.configure(
         connection=connection,
-        target_metadata=target_metadata(),
+        target_metadata=target_metadata(config),
         compare_server_default=True,
         include_object=compared_objects(config.attributes["auth_user_table"]),
     )

@@ -73,5 +73,5 @@ def test_sslmode_verify_full_with_another_ca_is_refused_at_start(
     url = tls_server.url(f"sslmode=verify-full&sslrootcert={tls_server.other_ca_file}")
     with pytest.raises(DatabaseUnreachable) as refused:
         refuse_unless_reachable(tls_settings(settings, DATABASE_URL_UNPOOLED=url))
-    assert str(refused.value).startswith("DATABASE_URL_UNPOOLED (postgresql://postgres@127.0.0.1")
+    assert str(refused.value).startswith("DATABASE_URL_UNPOOLED (postgresql://127.0.0.1")
     assert "certificate verify failed" in str(refused.value)

@@ -28,15 +28,16 @@ import pytest
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from backend.features.list import router as list_router
 from backend.main import create_app
 from backend.platform.config import Settings
-from backend.platform.server.abort import ABORT_EXTENSION, ResponseAborted
+from backend.platform.server.abort import ResponseAborted
+from backend.platform.server.protocol import HeaderLimitedProtocol
 from tests.live_server import free_port, serve
 from tests.service_processes import ROOT, SECRET, service_env, wait_healthy
 from tests.tcp_proxy import TcpProxy
+from tests.test_faults import _upstream_of
 
 LONG_LIST = 150_000
 LATENCY_P99_MS = 100
@@ -408,21 +409,6 @@ def test_a_client_that_hangs_up_stops_the_reading(
 # --- the database failing mid-stream ----------------------------------------------------------
 
 
-class AbortingProtocol(HttpToolsProtocol):
-    """uvicorn's protocol offering `ABORT_EXTENSION`, as ours does: marks the response
-    disconnected and aborts the transport."""
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        cycle, transport = self.cycle, self.transport
-
-        def abort() -> None:
-            cycle.disconnected = True
-            transport.abort()
-
-        self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = {"abort": abort}
-
-
 @pytest.fixture
 def service_behind_proxy(
     settings: Settings, direct_database_url: str
@@ -432,10 +418,11 @@ def service_behind_proxy(
     stack = ExitStack()
 
     def start(**options: Any) -> tuple[str, TcpProxy]:
-        url = make_url(direct_database_url)
-        proxy = TcpProxy(lambda: socket.create_connection((url.host, url.port or 5432)))
+        # The embedded server (a Unix socket) or a TCP one, as the fault tests reach it.
+        proxy = TcpProxy(_upstream_of(direct_database_url))
         stack.callback(proxy.close)
-        proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        url = make_url(direct_database_url).set(host="127.0.0.1", port=proxy.port)
+        proxied = url.difference_update_query(["host"]).render_as_string(False)
         service = settings.model_copy(
             update={
                 "DATABASE_URL": proxied,
@@ -465,7 +452,8 @@ def test_the_database_failing_mid_stream_aborts_the_connection(
     # 16 MB of list: far more than the socket buffers take in, so the server is mid-list,
     # waiting in send, when its database goes.
     insert_tasks(engine, committed_user, 15_000)
-    base, proxy = service_behind_proxy(**({"http": AbortingProtocol} if extension else {}))
+    # Our protocol (what `python -m backend` serves with) offers the abort; uvicorn's own does not.
+    base, proxy = service_behind_proxy(http=HeaderLimitedProtocol if extension else "httptools")
     port = int(base.rsplit(":", 1)[1])
     token = make_token(committed_user)
     sock = raw_get(port, f"/api/{committed_user}/tasks", {"Authorization": f"Bearer {token}"})

@@ -470,7 +470,15 @@ def test_connections_killed_while_idle_are_replaced_without_an_error(
                 thread.start()
             for thread in threads:
                 thread.join()
-            killed += kill_backends(engine, service.application_name, state="idle")
+            found = kill_backends(engine, service.application_name, state="idle")
+            # Through the pooler, its server connections come and go on their own (it recycles
+            # them every few seconds), so at the instant of the kill it may hold none that last
+            # served us: ask again, after another request, until one is found.
+            deadline = time.monotonic() + 5
+            while service.pooled and not found and time.monotonic() < deadline:
+                client.get(f"{base}/{task_id}")
+                found = kill_backends(engine, service.application_name, state="idle")
+            killed += found
             for _ in range(10):
                 response = client.patch(f"{base}/{task_id}/complete")
                 assert response.status_code == 200, response.text

@@ -136,6 +136,12 @@ class Settings(HeaderLimits):
     DB_CONNECT_TIMEOUT_SECONDS: int = Field(default=5, ge=1, le=60)
     DB_STATEMENT_TIMEOUT_MS: int = Field(default=5000, ge=100, le=600_000)
     DB_STARTUP_WAIT_SECONDS: float = Field(default=30.0, ge=0, le=600)
+    DB_PREPARED_STATEMENTS: bool = Field(
+        default=True,
+        description="Prepare each statement once per server connection (SQL PREPARE, which "
+        "works through any pooler); false sends every statement as text, parsed and planned "
+        "on each call.",
+    )
 
     MAX_BODY_BYTES: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
     # What a chunk holds the event loop for grows with it: reading, validating and encoding

@@ -139,11 +139,13 @@ def keyed_statement(statement: Any) -> Select:
     record: Insert = insert(KEYS).from_select(
         ["user_id", "operation", "key", "fingerprint", "status", "response", "expires_at"],
         select(
-            bindparam("idem_user_id"),
-            bindparam("idem_operation"),
-            bindparam("idem_key"),
-            bindparam("idem_fingerprint"),
-            bindparam("idem_status"),
+            # Typed, so that the statement can be prepared (nothing else here says what a
+            # selected value's type is).
+            bindparam("idem_user_id", type_=Text),
+            bindparam("idem_operation", type_=Text),
+            bindparam("idem_key", type_=Text),
+            bindparam("idem_fingerprint", type_=Text),
+            bindparam("idem_status", type_=SmallInteger),
             func.to_jsonb(literal_column("written")),
             func.now() + text(f"interval '{KEY_LIFETIME}'"),
         ).select_from(written),

@@ -139,6 +139,8 @@ def connection_class(
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - a method
         psycopg2.extensions.connection.__init__(self, *args, **kwargs)
         self.cursor_factory = cursor_class
+        # The names this connection has PREPAREd (`backend.platform.db.statements`).
+        self.prepared_statements = set()
 
     return type(
         "DeadlineConnection",

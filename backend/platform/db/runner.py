@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.platform.config import Settings
 from backend.platform.db.deadline import socket_has_data
 from backend.platform.db.greenlet_bridge import run_in_greenlet
+from backend.platform.db.statements import DirectSession, Statements
 
 log = structlog.get_logger("backend.db")
 T = TypeVar("T")
@@ -57,8 +58,10 @@ class Database:
         sessions: int,
         checkout_timeout: float,
         recycle_seconds: float = 240,
+        prepare: bool = True,
     ) -> None:
         self.engine = engine
+        self.statements = Statements(engine.dialect, prepare=prepare)
         self._capacity = sessions
         self._timeout = checkout_timeout
         self._recycle = recycle_seconds
@@ -78,6 +81,7 @@ class Database:
             sessions=settings.DB_POOL_SIZE + settings.DB_MAX_OVERFLOW,
             checkout_timeout=settings.DB_POOL_TIMEOUT_SECONDS,
             recycle_seconds=settings.DB_POOL_RECYCLE_SECONDS,
+            prepare=settings.DB_PREPARED_STATEMENTS,
         )
 
     @classmethod
@@ -174,7 +178,8 @@ class Database:
         else:
             session = self._session_for(slot)
         try:
-            result = handler(session, **kwargs)
+            # Statements run on the direct path (`statements`), prepared where they can be.
+            result = handler(DirectSession(session, self.statements), **kwargs)
             self._commit(slot, session)
         except BaseException:
             # Whatever the handler did in the session is rolled back, and whatever it loaded is

@@ -4,15 +4,28 @@ HeaderLimitedProtocol, on one kept-alive connection in memory (no sockets, a tri
 that the protocol's own work is most of what is measured.
 
     .venv/bin/python scripts/header_limit_cost.py [requests per round, default 20000]
+    .venv/bin/python scripts/header_limit_cost.py --instructions [N, default 2000]
 
-A GET with a browser's headers and a bearer token, and a POST with a JSON body in the same read.
-CPU time is compared and rounds alternate, so a busy machine blurs the figures less; the minimum
-over rounds is the least disturbed.
+A GET with a browser's headers and a bearer token, and a POST with a JSON body in the same read,
+each request whole in one read. CPU time is compared and rounds alternate, so a busy machine
+blurs the figures less; the minimum over rounds is the least disturbed.
+
+`--instructions` counts instructions instead, which a busy machine does not change: for each
+protocol and request it runs this script's loop alone (`--loop`) under valgrind's callgrind for
+N and for 2N requests, in fresh processes, and reports the difference of the two totals over N:
+instructions per request, everything the process does for it (the protocol, httptools, the
+trivial app, uvloop's scheduling), with start-up and the first requests' warm-up cancelled out.
+Needs valgrind; takes a minute or two. Repeated runs agree to within a few hundred instructions.
 """
 
 import asyncio
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,5 +112,43 @@ async def main(n: int) -> None:
         )
 
 
+PROTOCOLS: dict[str, type[HttpToolsProtocol]] = {
+    "uvicorn": HttpToolsProtocol,
+    "limited": HeaderLimitedProtocol,
+}
+
+
+def instructions(protocol: str, method: str, n: int) -> int:
+    """Instructions callgrind counts for a whole process running `--loop protocol method n`."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = os.path.join(directory, "callgrind.out")
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
+        command += [__file__, "--loop", protocol, method, str(n)]
+        subprocess.run(command, check=True, capture_output=True)  # noqa: S603 - our own command
+        with open(out) as totals:
+            match = re.search(r"^(?:summary|totals): (\d+)", totals.read(), re.MULTILINE)
+    assert match, "callgrind wrote no total"
+    return int(match.group(1))
+
+
+def report_instructions(n: int) -> None:
+    runs = [(p, m, count) for m in REQUESTS for p in PROTOCOLS for count in (n, 2 * n)]
+    with ThreadPoolExecutor(2) as pool:  # two valgrinds at a time: counts do not depend on it
+        totals = dict(zip(runs, pool.map(lambda run: instructions(*run), runs), strict=True))
+    for method, request in REQUESTS.items():
+        per_request = {p: (totals[p, method, 2 * n] - totals[p, method, n]) / n for p in PROTOCOLS}
+        plain, limited = per_request["uvicorn"], per_request["limited"]
+        print(
+            f"{method} ({len(request)} bytes): uvicorn {plain:,.0f}, HeaderLimitedProtocol "
+            f"{limited:,.0f} instructions per request ({limited - plain:+,.0f})"
+        )
+
+
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000))
+    if sys.argv[1:2] == ["--loop"]:  # one loop, for callgrind to count
+        _, _, protocol, method, count = sys.argv
+        uvloop.run(cpu_per_request(PROTOCOLS[protocol], REQUESTS[method], int(count)))
+    elif sys.argv[1:2] == ["--instructions"]:
+        report_instructions(int(sys.argv[2]) if len(sys.argv) > 2 else 2000)
+    else:
+        uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20000))

@@ -269,6 +269,37 @@ async def _aborts() -> _Transport:
     return transport
 
 
+def test_the_abort_extension_cuts_the_response_in_progress_with_requests_queued_behind_it(caplog):
+    """One abort callable serves a connection's requests: it marks disconnected the request
+    being answered, found from uvicorn's pipeline (requests waiting behind it, in order)."""
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        transport, started = asyncio.run(_aborts_with_pipelined_requests())
+    assert transport.aborted
+    assert started == ["/first", "/second"], "the third request's app was started"
+    assert b"0\r\n\r\n" not in transport.written.split(b"[2,")[-1]  # the second, cut
+    assert not caplog.records, UVICORN + f"run_asgi logged {caplog.records[0].getMessage()!r}"
+
+
+async def _aborts_with_pipelined_requests() -> tuple[_Transport, list[str]]:
+    started: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        started.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/first":
+            await send({"type": "http.response.body", "body": b"[1]"})
+            return
+        await send({"type": "http.response.body", "body": b"[2,", "more_body": True})
+        await asyncio.sleep(0)
+        scope["extensions"][ABORT_EXTENSION]["abort"]()
+
+    protocol, transport = _connection(HeaderLimitedProtocol, app)
+    requests = b"".join(b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n" % p for p in (b"first", b"second"))
+    protocol.data_received(requests + b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _settle()
+    return transport, started
+
+
 def test_uvicorn_command_line_takes_our_protocol_class():
     params = {p.name for p in uvicorn_command.params if p.expose_value}  # not --version
     assert {"app", "http", "workers", "reload", "port"} <= params, (

@@ -23,16 +23,24 @@ held its connection forever. Here:
   starts after a first response).
 
 Each refusal is one `http.refused` log line: reason, status and the peer's address, never a
-header. The common request (its headers in one read) costs a search for its blank line and a
-few attribute reads more than uvicorn's; no timer is armed unless the headers span reads.
+header. The common request (a read that begins it and holds its headers, within the allowance)
+is fed to the parser whole when the read ends with the block's end (a GET), else as the block and
+then the rest (a POST and its body); it costs a few attribute reads and three short calls more
+than uvicorn's (`scripts/header_limit_cost.py --instructions`: about 4,000 instructions a GET,
+3% of uvicorn's protocol alone, and 12,000 a POST, 9%). No timer is armed unless the headers
+span reads.
 
 `ABORT_EXTENSION` in each request's scope lets the app abort the connection mid-response, so
 that a client sees a cut connection rather than a clean end of a response that is incomplete.
+One callable per connection serves all its requests: it marks the request being answered
+disconnected (uvicorn answers a connection's requests one at a time, in order) and aborts the
+transport.
 """
 
 import asyncio
 import json
 import weakref
+from collections import deque
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -50,6 +58,11 @@ _REQUEST_LINE_OVERHEAD = 32
 
 log = structlog.get_logger("backend.http")
 
+# uvicorn's methods that ours extend, called as functions: a little quicker than through super().
+_feed_parser = HttpToolsProtocol.data_received
+_headers_complete = HttpToolsProtocol.on_headers_complete
+_message_complete = HttpToolsProtocol.on_message_complete
+
 
 class HeaderLimitedProtocol(HttpToolsProtocol):
     """uvicorn's `HttpToolsProtocol`, refusing header blocks over the limits (module docstring).
@@ -59,6 +72,24 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
     """
 
     limits: ClassVar[HeaderLimits | None] = None
+
+    # Slots, not the instance's dict: uvicorn's own attributes are 28, and CPython 3.11 keeps an
+    # instance's attributes in the fast, key-sharing layout its attribute reads are specialised
+    # for only up to 30 of them. Eleven more in the dict slowed every `self.` read of uvicorn's
+    # per-request code (about 4,600 instructions a GET, more than all our overrides together).
+    __slots__ = (
+        "_max_header_bytes",
+        "_max_header_fields",
+        "_header_timeout",
+        "_reading_headers",
+        "_ended_scope",
+        "_header_bytes",
+        "_header_timer",
+        "_block_timed",
+        "_refused",
+        "_abort_extension",
+        "_behind",
+    )
 
     def __init__(
         self,
@@ -75,19 +106,23 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         # Between requests or inside a header block (not inside a body).
         self._reading_headers = True
         # The scope of the last request that ended: a request is in progress while uvicorn's
-        # current scope is another (it makes one per request in on_message_begin).
+        # current scope is another (it makes one per request in on_message_begin). A piece fed
+        # held the end of a request when this changed while it was fed.
         self._ended_scope: object = None
-        # Set when a request ended during the piece being fed: the bytes after it are another's.
-        self._message_ended = False
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._block_timed = False
         self._refused = False
+        # The abort extension, one per connection (`_Abort`), and for each request waiting in
+        # uvicorn's pipeline the one parsed before it, in the pipeline's order (see _abort).
+        self._abort_extension: dict[object, object] = {}
+        self._behind: deque[RequestResponseCycle] = deque()
 
     # --- the connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._abort_extension = {"abort": _Abort(self)}
         self._header_timer = self.loop.call_later(self._header_timeout, self._deadline_passed)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -95,40 +130,91 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # The common cases first, in as few steps as they take: a request begins with this read,
+        # which is within the allowance. Each is fed as the loop in _feed would feed it.
+        if (
+            self._header_bytes == 0
+            and self._reading_headers
+            and not self._refused
+            and len(data) <= self._max_header_bytes
+        ):
+            ended = self._ended_scope
+            if data.endswith(b"\r\n\r\n"):
+                # Ends with the end of a header block (a GET): fed whole, it has the effect of
+                # the loop's pieces, each block within the allowance as the read is. Nothing can
+                # be left half-read, so it leaves nothing to count unless it was no request.
+                _feed_parser(self, data)
+                if ended is self._ended_scope and self._reading_headers and not self._refused:
+                    self._count_header_bytes(len(data), False)
+                return
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                # A header block and more (a POST and its body): the block, then, when the
+                # request has a body, the rest as its first piece (within the allowance, so one).
+                stop = end + 4
+                view = memoryview(data)
+                _feed_parser(self, view[:stop])  # type: ignore[arg-type]
+                if (
+                    self._reading_headers
+                    or self._refused
+                    or self.transport.is_closing()
+                    or self.parser.should_upgrade()
+                ):
+                    self._fed(stop, ended)  # not a body that follows: the loop goes on
+                    self._feed(data, stop)
+                    return
+                _feed_parser(self, view[stop:])  # type: ignore[arg-type]
+                if ended is not self._ended_scope is self.scope or not self._reading_headers:
+                    return  # the request ended and none began, or more of its body is to come
+                if not self._refused:
+                    self._count_header_bytes(len(data) - stop, ended is not self._ended_scope)
+                return
+        self._feed(data)
+
+    def _feed(self, data: bytes, start: int = 0) -> None:
+        """Feeds `data` from `start` to uvicorn's parser in pieces: a header block no further than
+        what is left of its allowance (and no further than its end), a body in pieces no larger
+        than the limit; after each, counts what the header block in progress has taken."""
         if self._refused:
             return  # answered and closing: nothing more reaches the parser
-        limit = self._max_header_bytes
         size = len(data)
-        start = 0
+        if start and (start == size or self.transport.is_closing() or self.parser.should_upgrade()):
+            return  # as the loop below stops after a piece
+        limit = self._max_header_bytes
         while True:
             if self._reading_headers:
                 allowance = limit - self._header_bytes
                 if allowance <= 0:
                     self._refuse_oversized_block()
                     return
-                stop = min(size, start + allowance)
+                stop = start + allowance if allowance < size - start else size
                 # Only up to the end of the block when it is in view, so that a pipelined
                 # request after it starts a piece of its own and is counted exactly.
                 end = data.find(b"\r\n\r\n", start, stop)
                 if end >= 0:
                     stop = end + 4
             else:
-                stop = min(size, start + limit)  # a body, in pieces no larger
-            self._message_ended = False
+                stop = (
+                    start + limit if limit < size - start else size
+                )  # a body, in pieces no larger
+            ended = self._ended_scope
             if start == 0 and stop == size:
-                super().data_received(data)  # the common case: one read, one request
+                _feed_parser(self, data)
             else:
-                super().data_received(memoryview(data)[start:stop])  # type: ignore[arg-type]
-            if self._reading_headers and not self._refused:
-                if self._message_ended and self.scope is self._ended_scope:
-                    self._header_bytes = 0  # the common case: one request, done, none begun
-                else:
-                    self._count_header_bytes(stop - start)
+                _feed_parser(self, memoryview(data)[start:stop])  # type: ignore[arg-type]
+            self._fed(stop - start, ended)
             if stop == size or self._refused or self.transport.is_closing():
                 return
             if self.parser.should_upgrade():
                 return  # uvicorn handed the connection on (or refused the upgrade) as it does
             start = stop
+
+    def _fed(self, fed: int, ended: object) -> None:
+        """After a piece of `fed` bytes, `ended` the last ended scope before it: counts them."""
+        if self._reading_headers and not self._refused:
+            if ended is self._ended_scope or self.scope is not self._ended_scope:
+                # Not the common case of one request, done, none begun.
+                self._count_header_bytes(fed, ended is not self._ended_scope)
 
     # --- parser callbacks ----------------------------------------------------------------------
 
@@ -136,43 +222,68 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._reading_headers = False
         if self._header_timer is not None:
             self._cancel_header_timer()
+        previous = self.cycle
         if len(self.headers) > self._max_header_fields:
             # Answered through uvicorn's own response path, in turn after any pipelined
             # request before it, by an app that refuses instead of the service's.
             app, self.app = self.app, self._answer_too_many_fields
             try:
-                super().on_headers_complete()
+                _headers_complete(self)
             finally:
                 self.app = app
         else:
-            super().on_headers_complete()
+            _headers_complete(self)
+        scope = self.scope
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:
-            extensions = self.scope.setdefault("extensions", {})
-            extensions[ABORT_EXTENSION] = {"abort": _Abort(cycle, self.transport)}
+        if cycle is not None and cycle.scope is scope:
+            if self.pipeline:
+                self._queued_behind(previous)
+            if "extensions" in scope:
+                scope["extensions"][ABORT_EXTENSION] = self._abort_extension
+            else:
+                scope["extensions"] = {ABORT_EXTENSION: self._abort_extension}
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        _message_complete(self)
         self._ended_scope = self.scope
         self._reading_headers = True
-        self._message_ended = True
         self._header_bytes = 0
 
-    @property
-    def _in_message(self) -> bool:
-        return self.scope is not self._ended_scope
+    # --- aborting a response -------------------------------------------------------------------
+
+    def _queued_behind(self, previous: RequestResponseCycle) -> None:
+        """uvicorn queued the request just parsed behind `previous`, whose app runs or waits."""
+        behind = self._behind
+        while len(behind) >= len(self.pipeline):
+            behind.pop()  # entries of requests uvicorn has since taken out of its pipeline
+        behind.appendleft(previous)
+
+    def _abort(self) -> None:
+        """Marks the request being answered disconnected and aborts the connection.
+
+        The request being answered is the last one whose app uvicorn started: the one before the
+        oldest request still in uvicorn's pipeline, or with none waiting, the current one. Only
+        its app can be mid-response (uvicorn starts the next once a response is complete).
+        """
+        pipeline = self.pipeline
+        cycle = self._behind[len(pipeline) - 1] if pipeline else self.cycle
+        if cycle is not None:
+            # uvicorn then neither writes more nor logs an unfinished response as an error.
+            cycle.disconnected = True
+        self.transport.abort()
 
     # --- the limits ----------------------------------------------------------------------------
 
-    def _count_header_bytes(self, fed: int) -> None:
-        if self._message_ended:
+    def _count_header_bytes(self, fed: int, message_ended: bool) -> None:
+        in_message = self.scope is not self._ended_scope
+        if message_ended:
             # The piece held the end of a request; only what came after it is the new block's.
-            self._header_bytes = self._delivered_bytes() if self._in_message else 0
+            self._header_bytes = self._delivered_bytes() if in_message else 0
         else:
             self._header_bytes += fed
         if not self._header_bytes:
             return
-        if self._in_message and len(self.headers) > self._max_header_fields:
+        if in_message and len(self.headers) > self._max_header_fields:
             self._refuse(
                 431, "too_many_fields", f"More than {self._max_header_fields} header fields."
             )
@@ -190,7 +301,8 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     def _refuse_oversized_block(self) -> None:
         limit = self._max_header_bytes
-        if self._in_message and len(self.url) + _REQUEST_LINE_OVERHEAD >= self._header_bytes:
+        in_message = self.scope is not self._ended_scope
+        if in_message and len(self.url) + _REQUEST_LINE_OVERHEAD >= self._header_bytes:
             self._refuse(400, "request_line_too_long", f"Request line over {limit} bytes.")
         else:
             self._refuse(
@@ -266,22 +378,21 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
 
 class _Abort:
-    """The abort extension's callable. It holds its cycle weakly: the cycle holds the scope that
-    holds this, and a reference cycle per request would leave each request's objects to the
-    garbage collector instead of freeing them when the request is done."""
+    """The abort extension's callable, made once per connection and offered in each of its
+    requests' scopes. It holds its protocol weakly: the protocol holds this, and a reference cycle
+    would leave each connection's objects to the garbage collector instead of freeing them when
+    it is done. Nothing it holds refers to a request, so no request's objects form a cycle with it
+    either (a scope holds this)."""
 
-    __slots__ = ("_cycle", "_transport")
+    __slots__ = ("_protocol",)
 
-    def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
-        self._cycle = weakref.ref(cycle)
-        self._transport = transport
+    def __init__(self, protocol: HeaderLimitedProtocol) -> None:
+        self._protocol = weakref.ref(protocol)
 
     def __call__(self) -> None:
-        cycle = self._cycle()
-        if cycle is not None:
-            # uvicorn then neither writes more nor logs an unfinished response as an error.
-            cycle.disconnected = True
-        self._transport.abort()
+        protocol = self._protocol()
+        if protocol is not None:  # else the connection is long gone
+            protocol._abort()
 
 
 def _json_response(status: int, detail: str, default_headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -19,6 +19,7 @@ of ids per delete run; creates go to a user of their own. Needs `wrk` (apt-get i
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -55,6 +56,13 @@ class Server(NamedTuple):
     pid: int  # the process started; with --workers N, the parent of the workers
 
 
+class Pooler(NamedTuple):
+    url: str  # the benchmark's database through it
+    pid: int
+    version: str  # as SHOW VERSION answers: "PgBouncer 1.18.0"
+    max_prepared_statements: int  # 0 when unset, and before 1.21, which has no such setting
+
+
 def main() -> int:
     args = parse_args()
     if shutil.which("wrk") is None:
@@ -68,7 +76,10 @@ def main() -> int:
         )
         return 2
     secret = secrets.token_urlsafe(48)
-    with fresh_database(args.database_url) as database_url:
+    with (
+        fresh_database(args.database_url) as database_url,
+        pgbouncer(database_url, args) as pooler,
+    ):
         env = {
             **os.environ,
             "DATABASE_URL": database_url,
@@ -76,6 +87,20 @@ def main() -> int:
             "LOG_LEVEL": "WARNING",  # a line per request would measure the log
             "LOG_FORMAT": "json",
         }
+        if pooler is not None:
+            # As on Neon: requests through the pooler, the service's migrations direct.
+            env |= {"DATABASE_URL": pooler.url, "DATABASE_URL_UNPOOLED": database_url}
+            # Protocol-level prepared statements outlive a transaction only in a PgBouncer
+            # that keeps them (1.21+, max_prepared_statements > 0); otherwise asyncpg must not
+            # cache them (psycopg2, the service's driver, prepares none at that level).
+            keeps = pooler_version(pooler.version) >= (1, 21) and pooler.max_prepared_statements
+            cache = "100" if keeps else "0"
+            env["BASELINE_STATEMENT_CACHE_SIZE"] = cache
+            print(
+                f"both servers through {pooler.version} (transaction mode, pool of "
+                f"{20 * args.workers}), max_prepared_statements {pooler.max_prepared_statements}:"
+                f" the baseline's asyncpg with statement_cache_size={cache}"
+            )
         with (
             server(["backend"], env, args.workers, "service") as service,
             server(
@@ -91,12 +116,15 @@ def main() -> int:
             if postmaster is None:
                 print("PostgreSQL runs elsewhere: no CPU of its per request (pg columns: -)")
             groups = {"service": service.pid, "baseline": baseline.pid, "pg": postmaster}
+            if pooler is not None:
+                groups["pgbouncer"] = pooler.pid
             failed = False
             print(
                 f"{'operation':<10}{'service':>10}{'baseline':>10}{'ratio':>8}"
                 f"{'cpu svc':>10}{'cpu base':>10}{'ratio':>7}"
                 f"{'pg svc':>9}{'pg base':>9}{'ratio':>7}"
-                f"   p99 ms service / baseline (each round)"
+                + (f"{'pgb svc':>9}{'pgb base':>9}" if pooler else "")
+                + "   p99 ms service / baseline (each round)"
             )
             next_delete = 0
             cpu_ratios: dict[str, float] = {}
@@ -151,7 +179,12 @@ def main() -> int:
                     f"{column(cpu_ratio, 7, '.2f')}"
                     f"{column(ours['pg'], 9)}{column(theirs['pg'], 9)}"
                     f"{column(pg_ratio, 7, '.2f')}"
-                    f"   {' '.join(p99s['service'])} / {' '.join(p99s['baseline'])}"
+                    + (
+                        f"{column(ours['pgbouncer'], 9)}{column(theirs['pgbouncer'], 9)}"
+                        if pooler
+                        else ""
+                    )
+                    + f"   {' '.join(p99s['service'])} / {' '.join(p99s['baseline'])}"
                 )
             print(
                 f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds per "
@@ -159,8 +192,9 @@ def main() -> int:
             )
             print(
                 "cpu: the server's processes (all its workers), pg: PostgreSQL's, in us of CPU "
-                "(user+system) per request wrk completed;\nratios: baseline/service for cpu, "
-                "service/baseline for pg"
+                "(user+system) per request wrk completed;"
+                + (" pgb: PgBouncer's;" if pooler else "")
+                + "\nratios: baseline/service for cpu, service/baseline for pg"
             )
             failed = summarize(args, cpu_ratios, pg_ratios) or failed
     return 1 if failed else 0
@@ -181,6 +215,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server")
     parser.add_argument(
         "--ops", type=lambda s: s.split(","), default=list(OPERATIONS), help="list,get,..."
+    )
+    parser.add_argument(
+        "--pooler",
+        action="store_true",
+        help="both servers through one PgBouncer in transaction mode (the tests' own)",
     )
     parser.add_argument(
         "--min-cpu-ratio",
@@ -211,6 +250,42 @@ def fresh_database(server_url: str) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@contextmanager
+def pgbouncer(database_url: str, args: argparse.Namespace) -> Iterator[Pooler | None]:
+    """With --pooler, a PgBouncer in transaction mode in front of the database (the one the
+    tests start, tests/pgbouncer.py) until the block ends; else None. Its pool holds as many
+    server connections as one server's pool (the two are driven in turn), and keeps them as
+    long as PgBouncer does by default (an hour; 10 minutes idle), not recycled every few
+    seconds as in the tests: what is measured is the pooler in the path, not reconnections."""
+    if not args.pooler:
+        yield None
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.pgbouncer import pgbouncer_process
+
+    with pgbouncer_process(
+        database_url, server_lifetime=3600, server_idle_timeout=600, pool_size=20 * args.workers
+    ) as bouncer:
+        admin = psycopg2.connect(libpq(bouncer.admin_url))
+        admin.autocommit = True  # the admin console knows no transactions
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute("SHOW VERSION")
+                version = str(cursor.fetchone()[0])
+                cursor.execute("SHOW CONFIG")
+                config = {str(row[0]): str(row[1]) for row in cursor.fetchall()}
+        finally:
+            admin.close()
+        prepared = int(config.get("max_prepared_statements", "0"))
+        yield Pooler(bouncer.url, bouncer.pid, version, prepared)
+
+
+def pooler_version(version: str) -> tuple[int, int]:
+    """(major, minor) of SHOW VERSION's "PgBouncer 1.18.0"; (0, 0) if it says no such thing."""
+    found = re.search(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def libpq(url: str) -> str:

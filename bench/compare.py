@@ -334,22 +334,22 @@ def summarize(
     args: argparse.Namespace, cpu_ratios: dict[str, float], pg_ratios: dict[str, float]
 ) -> bool:
     """Print the worst CPU ratios over the operations; true if one is past its threshold."""
-    parts, failed = [], False
+    parts, over = [], []
     if cpu_ratios:
         op = min(cpu_ratios, key=cpu_ratios.__getitem__)
         parts.append(f"cpu ratio (baseline/service) min {cpu_ratios[op]:.2f} ({op})")
         if args.min_cpu_ratio is not None and cpu_ratios[op] < args.min_cpu_ratio:
-            print(f"cpu ratio of {op} below --min-cpu-ratio {args.min_cpu_ratio}", file=sys.stderr)
-            failed = True
+            over.append(f"cpu ratio of {op} below --min-cpu-ratio {args.min_cpu_ratio}")
     if pg_ratios:
         op = max(pg_ratios, key=pg_ratios.__getitem__)
         parts.append(f"pg ratio (service/baseline) max {pg_ratios[op]:.2f} ({op})")
         if args.max_pg_ratio is not None and pg_ratios[op] > args.max_pg_ratio:
-            print(f"pg ratio of {op} above --max-pg-ratio {args.max_pg_ratio}", file=sys.stderr)
-            failed = True
+            over.append(f"pg ratio of {op} above --max-pg-ratio {args.max_pg_ratio}")
     if parts:
-        print("; ".join(parts))
-    return failed
+        print("; ".join(parts), flush=True)
+    for line in over:
+        print(line, file=sys.stderr)
+    return bool(over)
 
 
 def quotient(numerator: float | None, denominator: float | None) -> float | None:

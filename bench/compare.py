@@ -1,7 +1,8 @@
-"""The service's throughput as a ratio of the frameworkless baseline's (bench/baseline_app.py).
+"""The service's throughput and CPU per request as ratios of the baseline's (bench/baseline_app.py).
 
     .venv/bin/uv sync --frozen --extra dev --extra bench   # asyncpg, once
     .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+        [--pooler] [--workers N] [--min-cpu-ratio R] [--max-pg-ratio R]
 
 It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
 server), starts the service (`python -m backend`, as production runs it) and the baseline
@@ -12,9 +13,27 @@ ratio of the two sums.
 Alternating keeps a machine whose speed drifts from favouring either. At the end both servers
 stop and the database is dropped. Exit status 1 on any error or non-2xx answer.
 
+CPU per request, which the neighbours on a shared machine disturb far less than req/s: around
+each wrk run the CPU time (user+system, /proc/<pid>/stat) of the server's processes (the one
+started and its descendants: every worker) and of PostgreSQL's (the postmaster and its
+descendants; "-" when the server is not on this machine), divided by the requests wrk completed:
+`cpu svc`/`cpu base` and `pg svc`/`pg base` in microseconds, with the ratios baseline/service
+for cpu (below 1: the service costs more) and service/baseline for pg (above 1: it makes
+PostgreSQL work more). A last line gives the lowest cpu ratio and the highest pg ratio;
+--min-cpu-ratio and --max-pg-ratio make the exit status 1 past them. PostgreSQL's figure
+counts whatever else its server does meanwhile: use a quiet one.
+
+--pooler puts both servers behind one PgBouncer in transaction mode (the tests' own,
+tests/pgbouncer.py; Neon's pooled endpoint is PgBouncer so): the service with it as
+DATABASE_URL and the direct URL as DATABASE_URL_UNPOOLED (its migrations), the baseline's asyncpg
+with statement_cache_size=0 unless the PgBouncer keeps prepared statements (1.21+ with
+max_prepared_statements > 0, asked on its admin console; the choice is printed). PgBouncer's
+own CPU per request is printed too (`pgb svc`, `pgb base`).
+
 The data: 20 tasks for the user whose list and get are measured; 2,000 for the one whose tasks
 update and toggle rotate over (as many users editing their own tasks would); a disjoint slice
-of ids per delete run; creates go to a user of their own. Needs `wrk` (apt-get install wrk).
+of ids per delete run; creates go to a user of their own. Needs `wrk` (apt-get install wrk),
+and pgbouncer for --pooler (apt-get install pgbouncer).
 """
 
 import argparse

@@ -9,7 +9,11 @@ checked: a title must be a string, the rest is passed to PostgreSQL as sent.
     DATABASE_URL=postgresql://... BETTER_AUTH_SECRET=... \\
         .venv/bin/uvicorn --app-dir bench baseline_app:app --no-access-log
 
-It expects the service's tables (the service creates them at start-up).
+It expects the service's tables (the service creates them at start-up). Behind a pooler that
+keeps no protocol-level prepared statements (PgBouncer before 1.21, or without
+max_prepared_statements), run it with BASELINE_STATEMENT_CACHE_SIZE=0: asyncpg then names no
+statement and parses each again in the round trip that runs it, as asyncpg's documentation
+asks for such a pooler (bench/compare.py --pooler decides this).
 """
 
 import json
@@ -57,6 +61,8 @@ EDITABLE = ("title", "description", "completed")
 MAX_TASK_ID = 2**31 - 1
 
 SECRET = os.environ.get("BETTER_AUTH_SECRET", "")
+# asyncpg's own default is 100 prepared statements kept per connection.
+STATEMENT_CACHE_SIZE = int(os.environ.get("BASELINE_STATEMENT_CACHE_SIZE", "100"))
 pool: asyncpg.Pool | None = None
 
 
@@ -112,6 +118,7 @@ async def lifespan(receive: Receive, send: Send) -> None:
                 os.environ["DATABASE_URL"],
                 min_size=20,
                 max_size=20,
+                statement_cache_size=STATEMENT_CACHE_SIZE,
                 server_settings={"TimeZone": "UTC", "application_name": "baseline"},
             )
             await send({"type": "lifespan.startup.complete"})

@@ -1,10 +1,12 @@
 """PgBouncer (the system's package), started by the tests: a transaction-mode pooler like Neon's.
 
 `pgbouncer(upstream_url)` runs one on a free port in front of the PostgreSQL server of
-`upstream_url` and yields the same URL through it. Server connections are recycled every few
-seconds by default (server_lifetime, server_idle_timeout), as managed poolers do, so that a
-statement finds a server connection that never saw what an earlier one did: what works here
-does not work by luck. PgBouncer refuses to run as root; as root it is started as `postgres`.
+`upstream_url` and yields the same URL through it; `pgbouncer_process` yields a `PgBouncer`,
+with its process id and admin console too (bench/compare.py --pooler runs one). Server
+connections are recycled every few seconds by default (server_lifetime, server_idle_timeout),
+as managed poolers do, so that a statement finds a server connection that never saw what an
+earlier one did: what works here does not work by luck. PgBouncer refuses to run as root; as
+root it is started as `postgres`.
 """
 
 import os
@@ -16,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -33,6 +36,13 @@ def pgbouncer_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class PgBouncer:
+    url: str  # the upstream URL, through PgBouncer
+    admin_url: str  # its admin console (database `pgbouncer`): SHOW VERSION, SHOW CONFIG, ...
+    pid: int
+
+
 @contextmanager
 def pgbouncer(
     upstream_url: str,
@@ -42,6 +52,24 @@ def pgbouncer(
     pool_size: int = 20,
 ) -> Iterator[str]:
     """Yield `upstream_url` (any database on that server) through a new PgBouncer."""
+    with pgbouncer_process(
+        upstream_url,
+        server_lifetime=server_lifetime,
+        server_idle_timeout=server_idle_timeout,
+        pool_size=pool_size,
+    ) as bouncer:
+        yield bouncer.url
+
+
+@contextmanager
+def pgbouncer_process(
+    upstream_url: str,
+    *,
+    server_lifetime: int = 3,
+    server_idle_timeout: int = 2,
+    pool_size: int = 20,
+) -> Iterator[PgBouncer]:
+    """`pgbouncer`, yielding the process as well as the URL through it."""
     upstream = make_url(upstream_url.replace("postgres://", "postgresql://", 1))
     host, upstream_port = upstream.host, upstream.port or 5432
     port = free_port()
@@ -88,7 +116,11 @@ def pgbouncer(
         try:
             _wait_until_listening(process, port, work / "pgbouncer.log")
             pooled = upstream.set(host="127.0.0.1", port=port).difference_update_query(["host"])
-            yield pooled.render_as_string(hide_password=False)
+            yield PgBouncer(
+                url=pooled.render_as_string(hide_password=False),
+                admin_url=pooled.set(database="pgbouncer").render_as_string(hide_password=False),
+                pid=process.pid,
+            )
         finally:
             process.terminate()
             try:

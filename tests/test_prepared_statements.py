@@ -117,6 +117,49 @@ def test_a_table_that_changed_shape_gets_the_statement_replaced(direct_engine: E
         run(database, lambda s: raw(s, "ALTER TABLE prepared_scratch ALTER label TYPE text"))
 
 
+def test_a_replacement_on_a_server_connection_without_the_statement_prepares_it(
+    direct_engine: Engine,
+) -> None:
+    """Behind a pooler, the replacement after 'cached plan must not change result type' may
+    land on another server connection, which never had the statement: its DEALLOCATE answers
+    'does not exist', and the statement is prepared and run there. Here the connection drops
+    its prepared statements just before each replacement, as if the pooler had switched."""
+    database = Database(direct_engine, sessions=1, checkout_timeout=5)
+    assert run(database, by_id, id=1) == (1, "one")
+    replacements: list[str] = []
+
+    def switch_server_connection_before_replacing(session: Any) -> Any:
+        dbapi_connection = session.connection().connection.dbapi_connection
+        limited = dbapi_connection.cursor_factory
+
+        def execute(cursor: Any, query: Any, vars: Any = None) -> Any:  # noqa: A002
+            if isinstance(query, str) and query.startswith("DEALLOCATE todo_"):
+                replacements.append(query)
+                limited.execute(cursor, "DEALLOCATE ALL")
+            return limited.execute(cursor, query, vars)
+
+        dbapi_connection.cursor_factory = type("Switching", (limited,), {"execute": execute})
+        return limited
+
+    limited = run(database, switch_server_connection_before_replacing)
+    try:
+        run(database, lambda s: raw(s, "ALTER TABLE prepared_scratch ALTER label TYPE varchar"))
+        assert run(database, by_id, id=1) == (1, "one")
+        assert len(replacements) == 1
+        plan = database.statements.plan_for(BY_ID, {"id": 1})
+        assert plan is not None and plan.name is not None
+        assert plan.name in run(database, prepared_here)  # prepared there, not sent as text
+        assert plan.name in run(database, known)
+    finally:
+        run(database, lambda s: raw(s, "ALTER TABLE prepared_scratch ALTER label TYPE text"))
+        run(
+            database,
+            lambda s: setattr(
+                s.connection().connection.dbapi_connection, "cursor_factory", limited
+            ),
+        )
+
+
 def test_errors_are_sqlalchemys_and_the_statement_stays_usable(direct_engine: Engine) -> None:
     database = Database(direct_engine, sessions=1, checkout_timeout=5)
 

@@ -27,6 +27,7 @@ from backend.platform.cors import CrossOriginMiddleware
 from backend.platform.db import Database, build_engine, close_pool, wait_for_database
 from backend.platform.db.migrate import StartupRefused, prepare_schema
 from backend.platform.db.reachable import DatabaseUnreachable, refuse_unless_reachable
+from backend.platform.direct_dispatch import DirectDispatchMiddleware
 from backend.platform.errors import BodySizeLimitMiddleware, install_error_handlers
 from backend.platform.health import router as health_router
 from backend.platform.idempotency import expire_keys_forever
@@ -123,7 +124,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     document_bearer_auth(app)
 
     # Added innermost first: the request log wraps everything, CORS answers preflights before
-    # the size limit or any route sees them.
+    # the size limit or any route sees them, and the task routes are dispatched to directly.
+    app.add_middleware(DirectDispatchMiddleware, owner=app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_BODY_BYTES)
     app.add_middleware(
         CrossOriginMiddleware,

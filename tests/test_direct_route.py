@@ -22,6 +22,7 @@ from sqlmodel import Session
 from backend.main import create_app
 from backend.platform import direct_route
 from backend.platform.config import Settings
+from backend.platform.direct_dispatch import DirectDispatchMiddleware
 from backend.platform.direct_route import DirectRoute, NotDirect
 from tests.factories import TaskFactory, UserFactory
 from tests.in_test_transaction import serve_in_session, stop_serving_in_session
@@ -95,6 +96,68 @@ def test_every_task_route_is_served_directly(app: FastAPI) -> None:
     for route in routes:
         assert isinstance(route, DirectRoute)
         assert route.direct is not None, f"{route.path}: {route.not_direct_because}"
+
+
+def _dispatch_layer(app: FastAPI) -> DirectDispatchMiddleware:
+    layer = app.middleware_stack = app.build_middleware_stack()
+    while not isinstance(layer, DirectDispatchMiddleware):
+        layer = layer.app
+    return layer
+
+
+def test_every_task_route_is_dispatched_to_without_the_router(
+    settings: Settings, engine: Engine, session: Session, make_token
+) -> None:
+    """The task routes are matched by `DirectDispatchMiddleware`: the layers after it (the
+    exception middleware, the router) see only the requests it leaves to them."""
+    app = create_app(settings, engine=engine)
+    dispatch = _dispatch_layer(app)
+    assert dispatch.why_not == ""
+    task_routes = [r for r in app.routes if getattr(r, "path", "").startswith("/api/")]
+    assert [entry[4] for entry in dispatch.routes] == task_routes
+    reached_router: list[str] = []
+    rest = dispatch.app
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        reached_router.append(scope["path"])
+        await rest(scope, receive, send)
+
+    dispatch.app = counting
+    user = UserFactory()
+    task = TaskFactory(user_id=user.id)
+    session.flush()
+    serve_in_session(app, session)
+    try:
+        client = TestClient(app)
+        auth = {"Authorization": f"Bearer {make_token(user.id)}"}
+        base = f"/api/{user.id}/tasks"
+        assert client.get(f"{base}/{task.id}", headers=auth).status_code == 200
+        assert client.patch(f"{base}/{task.id}/complete", headers=auth).status_code == 200
+        assert client.get(f"{base}/{task.id}", headers={}).status_code == 401
+        assert client.get(f"{base}/999999999", headers=auth).status_code == 404
+        assert reached_router == []
+        # Not a task route, or not one for this method: the router decides, as before.
+        assert client.get("/health").status_code == 200
+        assert client.request("TRACE", base, headers=auth).status_code == 405
+        assert client.get(f"{base}/{task.id}/nowhere", headers=auth).status_code == 404
+        assert reached_router == ["/health", base, f"{base}/{task.id}/nowhere"]
+    finally:
+        stop_serving_in_session(app)
+
+
+def test_a_route_listed_before_the_task_routes_still_wins(
+    settings: Settings, engine: Engine
+) -> None:
+    """Dispatch tries only the direct routes at the head of the route list, so the router's
+    first match is always the one that serves."""
+    app = create_app(settings, engine=engine)
+
+    async def shadow(user_id: str) -> dict[str, str]:
+        return {"shadowed": user_id}
+
+    app.router.routes.insert(0, APIRoute("/api/{user_id}/tasks", shadow, methods=["GET"]))
+    assert _dispatch_layer(app).routes == ()
+    assert TestClient(app).get("/api/someone/tasks").json() == {"shadowed": "someone"}
 
 
 BODIES: list[Any] = [

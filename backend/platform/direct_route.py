@@ -270,11 +270,19 @@ class DirectRoute(APIRoute):
 
     direct: DirectCall | None = None
     not_direct_because = ""
+    # The direct handler alone, without `request_response` around it, when that is `app`.
+    direct_app: ASGIApp | None = None
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         if self.direct is not None and getattr(self, "max_body_size", None) is None:
-            self.app = _serve(self.get_route_handler())
+            self.app = self.direct_app = _serve(self.get_route_handler())
+
+    @property
+    def served_directly(self) -> bool:
+        """Whether requests reach the direct handler alone (a copy of the route may have been
+        given another `app`)."""
+        return self.direct_app is not None and self.app is self.direct_app
 
     def get_route_handler(self) -> Handler:
         fallback = super().get_route_handler()
@@ -297,10 +305,16 @@ def _serve(handler: Handler) -> ASGIApp:
 
 def _with_exit_stacks(handler: Handler) -> Handler:
     """FastAPI's handler as `request_response` runs it: with the stacks it closes its
-    dependencies on (closed here before the answer is sent; a direct route has none)."""
+    dependencies on (closed here before the answer is sent; a direct route has none), and the
+    one `AsyncExitStackMiddleware` would have provided, when `DirectDispatchMiddleware` has
+    served the request without that layer."""
 
     async def with_exit_stacks(request: Request) -> Response:
         scope = request.scope
+        if "fastapi_middleware_astack" not in scope:
+            async with AsyncExitStack() as file_stack:
+                scope["fastapi_middleware_astack"] = file_stack
+                return await with_exit_stacks(request)
         async with AsyncExitStack() as request_stack:
             scope["fastapi_inner_astack"] = request_stack
             async with AsyncExitStack() as function_stack:

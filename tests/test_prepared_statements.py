@@ -8,8 +8,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, bindparam, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    bindparam,
+    insert,
+    select,
+)
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 
 from backend.platform.config import Settings
 from backend.platform.db import Database, build_engine
@@ -184,3 +195,46 @@ def test_a_statement_the_server_cannot_type_goes_as_text(direct_engine: Engine) 
     assert run(database, add) == 3
     plan = database.statements.plan_for(untyped, {"a": 1, "b": 2})
     assert plan is not None and plan.name is None
+
+
+def test_values_are_what_sqlalchemy_would_bind(direct_engine: Engine) -> None:
+    """A plan works out once where each value comes from; it must give what SQLAlchemy's
+    `construct_params` and bind processors give, literals, processed types and all."""
+    flags = Table("prepared_flags", MetaData(), Column("done", Boolean), Column("n", Integer))
+    statements = Database(direct_engine, sessions=1, checkout_timeout=5).statements
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        (BY_ID, {"id": 7}),
+        (select(SCRATCH.c.id).where(SCRATCH.c.label == "a literal", SCRATCH.c.id > 3), {}),
+        (select(flags.c.n).where(flags.c.done == bindparam("done")), {"done": 1}),
+        (select(flags.c.n).where(flags.c.done == True), {}),  # noqa: E712 - a bound literal
+        (ADD, {"id": 3, "label": "l"}),
+        (select(SCRATCH.c.id).where(SCRATCH.c.id == bindparam("x", value=5)), {}),
+        (select(SCRATCH.c.id).where(SCRATCH.c.id == bindparam("x", value=5)), {"x": 6}),
+    ]
+    for statement, params in cases:
+        plan = statements.plan_for(statement, params)
+        assert plan is not None and plan.sources is not None, statement
+        expected = plan.compiled.construct_params(params)
+        for name, process in plan.processors.items():
+            if name in expected:
+                expected[name] = process(expected[name])
+        assert plan.values(params) == expected, statement
+        assert plan.arguments(params) == tuple(expected[name] for name in plan.names)
+    # Worked out per call, as SQLAlchemy does: a value from a callable, a missing required one.
+    counter = iter(range(100))
+    called = select(SCRATCH.c.id).where(
+        SCRATCH.c.id == bindparam("c", callable_=lambda: next(counter))
+    )
+    plan = statements.plan_for(called, {})
+    assert plan is not None and plan.sources is None
+    assert [plan.arguments({}), plan.arguments({})] == [(0,), (1,)]
+    required = select(SCRATCH.c.id).where(SCRATCH.c.id == bindparam("r"))
+    plan = statements.plan_for(required, {})
+    assert plan is not None and plan.sources is None
+    with pytest.raises(InvalidRequestError, match="A value is required for bind parameter 'r'"):
+        plan.arguments({})
+    # Values a statement carries from `.params()`: merged per call by SQLAlchemy.
+    carried = select(SCRATCH.c.id).where(SCRATCH.c.id == bindparam("p")).params(p=4)
+    plan = statements.plan_for(carried, {})
+    assert plan is not None and plan.sources is None
+    assert plan.arguments({}) == (4,)

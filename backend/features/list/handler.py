@@ -3,7 +3,18 @@ chunk at a time (`backend.platform.streaming` sends them)."""
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, cast, func, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Select,
+    bindparam,
+    cast,
+    func,
+    literal,
+    select,
+    tuple_,
+)
 from sqlmodel import Session
 
 from backend.features.list.schema import StatusFilter
@@ -41,7 +52,9 @@ NEXT_CHUNK: dict[StatusFilter, Select] = {s: _chunk(*f, _AFTER) for s, f in _FIL
 # come in (a parallel plan's), so it stays the same while nothing is written. 70 ms for
 # 150,000 tasks, against 110 ms for md5 over the ids and versions as text, which needs them
 # ordered (370 ms).
-_IDENTITY = (cast(TASKS.c.id, BigInteger).op("<<")(32)).op("|")(TASKS.c.version)
+# The shift is an `integer` (bigint << integer is PostgreSQL's operator; a bigint on the
+# right has none, and the statement could not be prepared).
+_IDENTITY = (cast(TASKS.c.id, BigInteger).op("<<")(literal(32, Integer))).op("|")(TASKS.c.version)
 _TAG_COLUMNS = (func.count(), func.sum(func.hashint8extended(_IDENTITY, 0)))
 LIST_TAG: dict[StatusFilter, Select] = {
     s: select(*_TAG_COLUMNS).where(_OWNED, *f) for s, f in _FILTERS.items()

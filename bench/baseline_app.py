@@ -116,8 +116,8 @@ async def lifespan(receive: Receive, send: Send) -> None:
             # As many connections as the service's pool, each in the session time zone it sets.
             pool = await asyncpg.create_pool(
                 os.environ["DATABASE_URL"],
-                min_size=20,
-                max_size=20,
+                min_size=16,
+                max_size=16,
                 statement_cache_size=STATEMENT_CACHE_SIZE,
                 server_settings={"TimeZone": "UTC", "application_name": "baseline"},
             )

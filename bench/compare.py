@@ -68,6 +68,8 @@ USERS |= {"toggle": "editor", "delete": "deleter"}
 EDITED_TASKS = 2000
 DELETES_PER_SECOND = 8000  # more than either server deletes: a run never runs out of ids
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
+# Connections per worker, for both servers: the service's default DB_POOL_SIZE, the baseline's own.
+POOL = 16
 
 
 class Server(NamedTuple):
@@ -117,7 +119,7 @@ def main() -> int:
             env["BASELINE_STATEMENT_CACHE_SIZE"] = cache
             print(
                 f"both servers through {pooler.version} (transaction mode, pool of "
-                f"{20 * args.workers}), max_prepared_statements {pooler.max_prepared_statements}:"
+                f"{POOL * args.workers}), max_prepared_statements {pooler.max_prepared_statements}:"
                 f" the baseline's asyncpg with statement_cache_size={cache}"
             )
         with (
@@ -285,7 +287,7 @@ def pgbouncer(database_url: str, args: argparse.Namespace) -> Iterator[Pooler | 
     from tests.pgbouncer import pgbouncer_process
 
     with pgbouncer_process(
-        database_url, server_lifetime=3600, server_idle_timeout=600, pool_size=20 * args.workers
+        database_url, server_lifetime=3600, server_idle_timeout=600, pool_size=POOL * args.workers
     ) as bouncer:
         admin = psycopg2.connect(libpq(bouncer.admin_url))
         admin.autocommit = True  # the admin console knows no transactions

@@ -2,7 +2,7 @@
 
     .venv/bin/uv sync --frozen --extra dev --extra bench   # asyncpg, once
     .venv/bin/python bench/compare.py [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
-        [--pooler] [--workers N] [--min-cpu-ratio R] [--max-pg-ratio R]
+        [--pooler [--pooler-prepared N]] [--workers N] [--min-cpu-ratio R] [--max-pg-ratio R]
 
 It makes a fresh database on the given PostgreSQL (default $TEST_DATABASE_URL, else the local
 server), starts the service (`python -m backend`, as production runs it) and the baseline
@@ -28,7 +28,9 @@ tests/pgbouncer.py; Neon's pooled endpoint is PgBouncer so): the service with it
 DATABASE_URL and the direct URL as DATABASE_URL_UNPOOLED (its migrations), the baseline's asyncpg
 with statement_cache_size=0 unless the PgBouncer keeps prepared statements (1.21+ with
 max_prepared_statements > 0, asked on its admin console; the choice is printed). PgBouncer's
-own CPU per request is printed too (`pgb svc`, `pgb base`).
+own CPU per request is printed too (`pgb svc`, `pgb base`). --pooler-prepared N sets
+max_prepared_statements (PgBouncer 1.21+, which Debian 12 does not package: $PGBOUNCER may
+name another build's binary).
 
 The data: 20 tasks for the user whose list and get are measured; 2,000 for the one whose tasks
 update and toggle rotate over (as many users editing their own tasks would); a disjoint slice
@@ -243,6 +245,14 @@ def parse_args() -> argparse.Namespace:
         help="both servers through one PgBouncer in transaction mode (the tests' own)",
     )
     parser.add_argument(
+        "--pooler-prepared",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --pooler: max_prepared_statements = N (PgBouncer 1.21+; $PGBOUNCER names "
+        "the binary)",
+    )
+    parser.add_argument(
         "--min-cpu-ratio",
         type=float,
         help="exit 1 if an operation's CPU per request, baseline/service, is below this",
@@ -287,7 +297,11 @@ def pgbouncer(database_url: str, args: argparse.Namespace) -> Iterator[Pooler | 
     from tests.pgbouncer import pgbouncer_process
 
     with pgbouncer_process(
-        database_url, server_lifetime=3600, server_idle_timeout=600, pool_size=POOL * args.workers
+        database_url,
+        server_lifetime=3600,
+        server_idle_timeout=600,
+        pool_size=POOL * args.workers,
+        max_prepared_statements=args.pooler_prepared,
     ) as bouncer:
         admin = psycopg2.connect(libpq(bouncer.admin_url))
         admin.autocommit = True  # the admin console knows no transactions

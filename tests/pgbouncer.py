@@ -30,7 +30,8 @@ RUN_AS = "postgres"
 
 
 def pgbouncer_binary() -> str:
-    found = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    """$PGBOUNCER (another build than the system's, say), else the one on the PATH."""
+    found = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not os.access(found, os.X_OK):
         raise RuntimeError("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
     return found
@@ -68,6 +69,7 @@ def pgbouncer_process(
     server_lifetime: int = 3,
     server_idle_timeout: int = 2,
     pool_size: int = 20,
+    max_prepared_statements: int = 0,
 ) -> Iterator[PgBouncer]:
     """`pgbouncer`, yielding the process as well as the URL through it."""
     upstream = make_url(upstream_url.replace("postgres://", "postgresql://", 1))
@@ -103,6 +105,13 @@ def pgbouncer_process(
             # A refused login (the server full for a moment) is retried after 1 s, not 15.
             "server_login_retry = 1\n"
             f"admin_users = {user}\n"
+            # Protocol-level prepared statements kept across server connections (1.21+; an
+            # older PgBouncer does not know the setting, so it is written only when asked for).
+            + (
+                f"max_prepared_statements = {max_prepared_statements}\n"
+                if max_prepared_statements
+                else ""
+            )
         )
         command = [pgbouncer_binary(), str(work / "pgbouncer.ini")]
         if os.geteuid() == 0:

@@ -116,6 +116,25 @@ def test_queries_of_concurrent_requests_overlap(serving_engine):
     assert asyncio.run(scenario()) < 0.75
 
 
+def test_the_event_loop_turns_once_before_a_handler_runs(serving_engine):
+    """What is ready on the loop (another request's step, a socket to read) runs between a
+    request's way in and its database work, not after it."""
+    db = database(serving_engine)
+    order: list[str] = []
+
+    def handler(session: Session) -> None:
+        order.append("handler")
+
+    async def scenario() -> None:
+        await db.run(handler)  # the first connection is made; now measure a request alone
+        order.clear()
+        asyncio.get_running_loop().call_soon(order.append, "ready before")
+        await db.run(handler)
+
+    asyncio.run(scenario())
+    assert order == ["ready before", "handler"]
+
+
 def test_a_request_finding_every_session_busy_waits_its_turn(serving_engine):
     db = database(serving_engine, sessions=1)
 

@@ -99,6 +99,13 @@ class Database:
     async def run(self, handler: Callable[..., T], /, **kwargs: Any) -> T:
         if not self._first_connection_made:
             await run_in_threadpool(self._make_first_connection)
+        # One turn of the event loop between a request's way in (middlewares, authentication,
+        # validation) and its database work, so that under load those do not run as one long
+        # step while no socket is read. Measured with 32 clients on one saturated worker,
+        # alternating with the same service without it: the event loop's p99 lag went from
+        # 15 to 12 ms, list's p99 per round from 34-86 ms to 34-60 ms, create's from 30-70 ms
+        # to 31-50 ms, throughput the same or higher; it costs a task step (a few us).
+        await asyncio.sleep(0)
         slot = await self._checkout()
         try:
             return await run_in_greenlet(self._call, slot, handler, kwargs)

@@ -135,7 +135,7 @@ def _sources(
     """Where each of `names` takes its value from, for parameters with these keys: (key, None,
     processor) for a value given per execution, (None, processed value, None) for one of the
     statement's own literals. Worked out once per plan, what `construct_params` works out on
-    every call (3% of a request's CPU, py-spy). None where a value must be worked out per call
+    every call (about 2% of a request's CPU, py-spy). None where a value must be worked out per call
     (a bind computed by a callable, one required but not given), which `construct_params` does.
     """
     if compiled._render_postcompile or getattr(compiled, "_collected_params", None):

@@ -344,3 +344,29 @@ def test_what_the_direct_route_reads_from_fastapi_is_still_there():
     value, errors = task_id.validate("0", {}, loc=())
     assert errors and errors[0]["type"] == "greater_than_equal", INCOMPATIBLE + repr(errors)
     assert hasattr(route, "_embed_body_fields"), INCOMPATIBLE + "APIRoute._embed_body_fields"
+
+
+def test_what_direct_dispatch_reads_from_starlette_and_fastapi_is_still_there(app):
+    """`DirectDispatchMiddleware` stands in for Starlette's `ExceptionMiddleware` and router on
+    the task routes: it reads the handlers that middleware built, looks them up with
+    Starlette's own function, and takes each route's path the router's way. If a release moves
+    any of it, this fails by name (the layer itself would switch off, or answer wrongly)."""
+    from starlette import _exception_handler, _utils
+    from starlette.exceptions import HTTPException
+    from starlette.middleware.exceptions import ExceptionMiddleware
+
+    from backend.platform.direct_dispatch import DirectDispatchMiddleware
+
+    layer = app.build_middleware_stack()
+    while not isinstance(layer, DirectDispatchMiddleware):
+        layer = layer.app
+    assert isinstance(layer.app, ExceptionMiddleware), "FastAPI moved the exception middleware"
+    handlers, statuses = layer.app._exception_handlers, layer.app._status_handlers
+    assert isinstance(handlers, dict) and isinstance(statuses, dict)
+    assert handlers[HTTPException] is app.exception_handlers[HTTPException]
+    assert _exception_handler._lookup_exception_handler(handlers, HTTPException(404)) is (
+        handlers[HTTPException]
+    )
+    assert _utils.get_route_path({"path": "/api/x", "root_path": ""}) == "/api/x"
+    assert _utils.get_route_path({"path": "/prefix/api/x", "root_path": "/prefix"}) == "/api/x"
+    assert not getattr(app.router, "form_limits", None), "the layer stands aside for form limits"

@@ -364,8 +364,9 @@ def test_what_direct_dispatch_reads_from_starlette_and_fastapi_is_still_there(ap
     handlers, statuses = layer.app._exception_handlers, layer.app._status_handlers
     assert isinstance(handlers, dict) and isinstance(statuses, dict)
     assert handlers[HTTPException] is app.exception_handlers[HTTPException]
-    assert _exception_handler._lookup_exception_handler(handlers, HTTPException(404)) is (
-        handlers[HTTPException]
+    assert (
+        _exception_handler._lookup_exception_handler(handlers, HTTPException(404))
+        is (handlers[HTTPException])
     )
     assert _utils.get_route_path({"path": "/api/x", "root_path": ""}) == "/api/x"
     assert _utils.get_route_path({"path": "/prefix/api/x", "root_path": "/prefix"}) == "/api/x"

@@ -93,3 +93,35 @@ def test_waiting_outside_the_bridge_is_refused_and_closes_the_coroutine():
     with pytest.raises(RuntimeError, match=r"outside run_in_greenlet\(\)"):
         await_from_greenlet(coroutine)
     assert coroutine.cr_frame is None  # closed: no "never awaited" warning later
+
+
+def test_handler_greenlets_are_reused_and_keep_nothing_of_a_finished_run():
+    # A new greenlet per run costs each request an mmap and munmap of frame memory (the module
+    # docstring); a reused one must not keep the last run's arguments, result or error alive.
+    import gc
+    import weakref
+
+    from greenlet import getcurrent
+
+    class Payload:
+        pass
+
+    greenlets, payloads = [], []
+
+    def blocking(payload, fail):
+        greenlets.append(getcurrent())
+        payloads.append(weakref.ref(payload))
+        await_from_greenlet(answer(1))
+        if fail:
+            raise ValueError(payload)
+        return payload
+
+    async def scenario():
+        assert isinstance(await run_in_greenlet(blocking, Payload(), fail=False), Payload)
+        with pytest.raises(ValueError):
+            await run_in_greenlet(blocking, Payload(), fail=True)
+        gc.collect()
+        return [ref() for ref in payloads]
+
+    assert asyncio.run(scenario()) == [None, None]
+    assert greenlets[0] is greenlets[1]

@@ -2,6 +2,7 @@
 
 import asyncio
 import select
+import threading
 import time
 from typing import Any
 
@@ -61,24 +62,115 @@ def _wait_on_event_loop(connection: Any, connecting: bool, timeout: float | None
         if state == psycopg2.extensions.POLL_OK:
             return
         fd = connection.fileno()
-        ready: asyncio.Future[bool] = loop.create_future()
-        if state == psycopg2.extensions.POLL_READ:
-            loop.add_reader(fd, _settle, ready, True)
-            remove = loop.remove_reader
-        else:
-            loop.add_writer(fd, _settle, ready, True)
-            remove = loop.remove_writer
+        watch = None
+        ready: asyncio.Future[bool]
+        if state == psycopg2.extensions.POLL_READ and not connecting:
+            watch = _watch_for(loop)
+            ready = watch.readable(connection, fd)
+        else:  # sending a query too large for the socket's buffer, or opening a connection
+            ready = loop.create_future()
+            if state == psycopg2.extensions.POLL_READ:
+                loop.add_reader(fd, _settle, ready, True)
+            else:
+                loop.add_writer(fd, _settle, ready, True)
         timer = None if deadline is None else loop.call_at(deadline, _settle, ready, False)
         try:
             answered = await_from_greenlet(ready)
         finally:
-            remove(fd)
+            if watch is not None:
+                watch.done_waiting(fd, ready)
+            elif state == psycopg2.extensions.POLL_READ:
+                loop.remove_reader(fd)
+            else:
+                loop.remove_writer(fd)
             if timer is not None:
                 timer.cancel()
         if not answered:
             if not connecting:
                 _cancel_on_event_loop(loop, connection)
             raise _timed_out(timeout, connecting)
+
+
+class _SocketWatch:
+    """Which of the pool's connections have an answer to read, for one event loop.
+
+    The loop's own `add_reader` costs a round trip about seven system calls under uvloop (libuv
+    checks, registers, and on `remove_reader` unregisters the socket, and allocates a handle
+    each time), and the loop has to be told before every wait. Here the connections' sockets
+    are watched by an epoll instance of our own, which the loop watches as one file descriptor:
+    a connection is registered the first time it waits and stays registered, so a round trip
+    costs no system call for it, and one `epoll_wait` collects every connection that is ready.
+
+    A registration ends by itself when its socket is closed (the kernel drops it). A socket
+    that has something to read while nobody waits for it (the server hung up on an idle
+    connection, or sent a notice) is unregistered at once, so that it does not wake the loop
+    on every turn; its next wait registers it again. Another connection that is given the same
+    descriptor number later is told apart by identity and registered afresh.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._epoll = select.epoll()
+        self._watched: dict[int, list[Any]] = {}  # fd -> [connection, the future waiting]
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def readable(self, connection: Any, fd: int) -> "asyncio.Future[bool]":
+        """A future settled with True when `connection`'s socket `fd` has something to read."""
+        entry = self._watched.get(fd)
+        if entry is None or entry[0] is not connection:
+            if entry is not None:
+                self._forget(fd)  # a connection closed since; its descriptor number is reused
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:
+                self._epoll.modify(fd, select.EPOLLIN)
+            entry = self._watched[fd] = [connection, None]
+        ready: asyncio.Future[bool] = self.loop.create_future()
+        entry[1] = ready
+        return ready
+
+    def done_waiting(self, fd: int, ready: "asyncio.Future[bool]") -> None:
+        entry = self._watched.get(fd)
+        if entry is not None and entry[1] is ready:
+            entry[1] = None
+
+    def close(self) -> None:
+        self._watched.clear()
+        self._epoll.close()
+
+    def _dispatch(self) -> None:
+        for fd, _events in self._epoll.poll(0):
+            entry = self._watched.get(fd)
+            ready = None if entry is None else entry[1]
+            if ready is None:
+                self._forget(fd)  # nobody waits: not woken for it again until its next wait
+            elif not ready.done():
+                ready.set_result(True)
+            # else: answered already, and its greenlet has not read the answer yet
+
+    def _forget(self, fd: int) -> None:
+        self._watched.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed meanwhile, and so no longer registered
+
+
+_watches: dict[int, _SocketWatch] = {}  # by id(loop); each holds its loop, so ids stay unique
+_watches_lock = threading.Lock()
+
+
+def _watch_for(loop: asyncio.AbstractEventLoop) -> _SocketWatch:
+    watch = _watches.get(id(loop))
+    if watch is not None and watch.loop is loop:
+        return watch
+    with _watches_lock:  # loops of other threads (tests) come and go; a closed one's is dropped
+        for key, other in list(_watches.items()):
+            if other.loop.is_closed():
+                other.close()
+                del _watches[key]
+        watch = _watches[id(loop)] = _SocketWatch(loop)
+    return watch
 
 
 def _cancel_on_event_loop(loop: asyncio.AbstractEventLoop, connection: Any) -> None:

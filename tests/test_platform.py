@@ -297,6 +297,30 @@ def test_request_id_is_generated_and_returned(client, capsys):
     assert line["level"] == "info" and "timestamp" in line
 
 
+def test_generated_request_ids_are_distinct_across_buffers_threads_and_forks():
+    from backend.platform.logging import new_request_id
+
+    # 600 ids span three of the 4 KiB batches of random bytes they are cut from.
+    ids = [new_request_id() for _ in range(600)]
+    others: list[str] = []
+    worker = threading.Thread(target=lambda: others.extend(new_request_id() for _ in range(300)))
+    worker.start()
+    worker.join()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids + others)
+    assert len(set(ids + others)) == 900
+    # A forked child does not go on cutting ids from the bytes its parent already holds.
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    from_child = os.read(read, 64).decode()
+    os.close(read)
+    assert from_child != new_request_id()
+
+
 def test_request_id_from_the_client_is_sanitised_and_capped(client):
     assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == (
         "abc-123"

@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -164,6 +165,34 @@ def configure_logging(settings: Settings) -> None:
     access.propagate = False
 
 
+class _RandomBytes(threading.local):
+    """Random bytes from the kernel's generator, fetched 4 KiB at a time: a request id costs a
+    system call per 256 requests instead of one each. Per thread, and emptied in a forked child,
+    so that no two ids are cut from the same bytes."""
+
+    def __init__(self) -> None:
+        self.empty()
+
+    def empty(self) -> None:
+        self.buffer, self.offset = b"", 0
+
+    def take(self, count: int) -> bytes:
+        offset = self.offset
+        if offset + count > len(self.buffer):
+            self.buffer, offset = os.urandom(4096), 0
+        self.offset = offset + count
+        return self.buffer[offset : offset + count]
+
+
+_random_bytes = _RandomBytes()
+os.register_at_fork(after_in_child=_random_bytes.empty)
+
+
+def new_request_id() -> str:
+    """A request id for a request that brought none: 128 random bits, as 32 hex digits."""
+    return _random_bytes.take(16).hex()
+
+
 def sanitize_request_id(raw: str) -> str | None:
     cleaned = _REQUEST_ID_UNSAFE.sub("", raw)[:REQUEST_ID_MAX_LENGTH]
     return cleaned or None
@@ -200,7 +229,7 @@ class RequestLogMiddleware:
             if name == b"x-request-id":
                 request_id = sanitize_request_id(value.decode("latin-1"))
                 break
-        request_id = request_id or os.urandom(16).hex()
+        request_id = request_id or new_request_id()
         header_value = request_id.encode()
         status = 500
         response_started = False

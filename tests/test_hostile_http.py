@@ -2,8 +2,8 @@
 backend`): header blocks too big, too many, too slow or never sent; what is under the limits is
 served. Each test also sends what the guard must refuse, so that it fails without the guard.
 
-The limits are the defaults (16 KiB, 100 fields) with HEADER_TIMEOUT_SECONDS=2 so that the
-deadline tests take seconds.
+The limits are the defaults (16 KiB, 100 fields) with HEADER_TIMEOUT_SECONDS=2 and
+BODY_TIMEOUT_SECONDS=2 so that the deadline tests take seconds.
 """
 
 import json
@@ -76,7 +76,9 @@ def service(database_url: str, **settings: str) -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def server(database_url: str) -> Iterator[Service]:
-    with service(database_url, HEADER_TIMEOUT_SECONDS=str(TIMEOUT)) as running:
+    with service(
+        database_url, HEADER_TIMEOUT_SECONDS=str(TIMEOUT), BODY_TIMEOUT_SECONDS=str(TIMEOUT)
+    ) as running:
         yield running
 
 
@@ -273,6 +275,76 @@ def test_trickled_headers_are_answered_408_at_the_deadline(server: Service) -> N
     assert closed_at is not None, f"not disconnected after {len(request)} s"
     assert TIMEOUT - 0.5 < closed_at < TIMEOUT + 2, closed_at
     assert_refused(responses(received), 408, f"longer than {TIMEOUT} s")
+
+
+def post_head(user: str, token: str, length: int) -> bytes:
+    return (
+        f"POST /api/{user}/tasks HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_body_not_complete_at_the_deadline_is_408_and_nothing_is_stored(
+    server: Service, committed_user: str, make_token: Callable[..., str], database_url: str
+) -> None:
+    body = b'{"title": "never finished ' + MARKER + b'"}'
+    token = make_token(committed_user, secret=SECRET)
+    before = len(server.refusals())
+    with server.connect() as sock:
+        started = time.monotonic()
+        sock.sendall(post_head(committed_user, token, len(body)) + body[:10])
+        received = read_all(sock, timeout=TIMEOUT + 5)
+        elapsed = time.monotonic() - started
+    assert TIMEOUT - 0.5 < elapsed < TIMEOUT + 2, elapsed
+    assert_refused(responses(received), 408, f"body took longer than {TIMEOUT} s")
+    deadline = time.monotonic() + 5
+    while len(server.refusals()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [refusal] = server.refusals()[before:]
+    assert (refusal["reason"], refusal["status"]) == ("body_timeout", 408)
+    # The service went on serving, and the half-sent task was never created.
+    listed = httpx.get(
+        f"http://127.0.0.1:{server.port}/api/{committed_user}/tasks",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert listed.status_code == 200
+    assert "never finished" not in listed.text
+    errors = [line for line in server.log_lines() if line.get("level") in ("error", "critical")]
+    assert errors == [], errors
+
+
+def test_a_body_trickled_within_the_deadline_is_served_and_the_connection_kept(
+    server: Service, committed_user: str, make_token: Callable[..., str]
+) -> None:
+    """The deadline is for the whole body from the end of the headers, not per read; once the
+    body is in, nothing is left armed on the connection."""
+    body = b'{"title": "slow but in time"}'
+    token = make_token(committed_user, secret=SECRET)
+    with server.connect() as sock:
+        sock.settimeout(10)
+        # Two such requests in turn, the second's body still coming in when the first's
+        # deadline passes: it has a deadline of its own, from its own headers.
+        for _ in range(2):
+            sock.sendall(post_head(committed_user, token, len(body)))
+            for start in range(0, len(body), 10):
+                time.sleep(TIMEOUT / 5)
+                sock.sendall(body[start : start + 10])
+            assert sock.recv(4096).startswith(b"HTTP/1.1 201 ")
+        time.sleep(TIMEOUT + 0.5)  # past the deadline the body had: still open, still served
+        sock.sendall(get(b"Connection: close\r\n"))
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_never_sent_after_an_early_answer_only_closes_the_connection(
+    server: Service, committed_user: str
+) -> None:
+    """Refused before its body was read (a bad token), the request's body never comes: at the
+    deadline the connection is closed, with no second answer after the first."""
+    with server.connect() as sock:
+        sock.sendall(post_head(committed_user, "not-a-token", 100))
+        received = read_all(sock, timeout=TIMEOUT + 5)
+    [(status, _, _)] = responses(received)
+    assert status == 401
 
 
 def test_a_silent_connection_is_closed_at_the_deadline(server: Service) -> None:

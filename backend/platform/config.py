@@ -54,6 +54,13 @@ class HeaderLimits(BaseSettings):
         description="Seconds a client may take to send a request's headers (408 beyond), and "
         "that a new connection may stay silent.",
     )
+    BODY_TIMEOUT_SECONDS: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="Seconds a client may take to send a request's body once its headers are in "
+        "(408 beyond; the connection just closed if an answer has already gone out).",
+    )
 
 
 @lru_cache

@@ -35,7 +35,8 @@ command = click.Command(
     callback=_serve,
     context_settings=_uvicorn.context_settings,
     help="Serve the todo API (backend.main:app) with uvicorn, the request header block bounded "
-    "(MAX_HEADER_BYTES, MAX_HEADER_FIELDS, HEADER_TIMEOUT_SECONDS). Options are uvicorn's.",
+    "(MAX_HEADER_BYTES, MAX_HEADER_FIELDS, HEADER_TIMEOUT_SECONDS, BODY_TIMEOUT_SECONDS). "
+    "Options are uvicorn's.",
 )
 
 

@@ -21,6 +21,9 @@ held its connection forever. Here:
 - A header block not complete `HEADER_TIMEOUT_SECONDS` after its first byte is answered 408, and a
   new connection that sends nothing for as long is closed (uvicorn's keep-alive timeout only
   starts after a first response).
+- A body not complete `BODY_TIMEOUT_SECONDS` after the read that ended its headers is answered
+  408 (or, when an answer has already gone out ahead of it, its connection is just closed); the
+  app's `receive()` then reports the client gone. A timer is armed only when a body spans reads.
 
 Each refusal is one `http.refused` log line: reason, status and the peer's address, never a
 header. The common request (a read that begins it and holds its headers, within the allowance)
@@ -86,6 +89,8 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         "_header_bytes",
         "_header_timer",
         "_block_timed",
+        "_body_timeout",
+        "_body_timer",
         "_refused",
         "_abort_extension",
         "_behind",
@@ -103,6 +108,7 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._max_header_bytes = limits.MAX_HEADER_BYTES
         self._max_header_fields = limits.MAX_HEADER_FIELDS
         self._header_timeout = limits.HEADER_TIMEOUT_SECONDS
+        self._body_timeout = limits.BODY_TIMEOUT_SECONDS
         # Between requests or inside a header block (not inside a body).
         self._reading_headers = True
         # The scope of the last request that ended: a request is in progress while uvicorn's
@@ -112,6 +118,7 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
         self._block_timed = False
+        self._body_timer: asyncio.TimerHandle | None = None
         self._refused = False
         # The abort extension, one per connection (`_Abort`), and for each request waiting in
         # uvicorn's pipeline the one parsed before it, in the pipeline's order (see _abort).
@@ -127,9 +134,19 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        if not self._reading_headers and self._body_timer is None and not self._refused:
+            # A body still to come after this read: from now on it has until the deadline.
+            if not self.transport.is_closing() and not self.parser.should_upgrade():
+                self._body_timer = self.loop.call_later(
+                    self._body_timeout, self._body_deadline_passed
+                )
+
+    def _received(self, data: bytes) -> None:
         # The common cases first, in as few steps as they take: a request begins with this read,
         # which is within the allowance. Each is fed as the loop in _feed would feed it.
         if (
@@ -245,6 +262,8 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         _message_complete(self)
+        if self._body_timer is not None:
+            self._cancel_body_timer()
         self._ended_scope = self.scope
         self._reading_headers = True
         self._header_bytes = 0
@@ -325,6 +344,28 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
             log.warning("http.refused", reason="silent_connection", client=self._peer())
             self.transport.close()
 
+    def _body_deadline_passed(self) -> None:
+        """The body of the request being read is not complete `_body_timeout` after the read
+        that ended its headers: answered 408 unless an answer has gone out or may be going out
+        ahead of it (the app answered without waiting for the body, or an earlier pipelined
+        request is being answered), then the connection is closed. The app's `receive()` then
+        tells it the client is gone, and nothing it sends is written."""
+        self._body_timer = None
+        if self._reading_headers or self._refused or self.transport.is_closing():
+            return
+        self._refused = True
+        cycle = self.cycle
+        answered = cycle is None or cycle.response_started or bool(self.pipeline)
+        if cycle is not None:
+            cycle.disconnected = True
+        if answered:
+            log.warning("http.refused", reason="body_timeout", client=self._peer())
+        else:
+            log.warning("http.refused", reason="body_timeout", status=408, client=self._peer())
+            detail = f"The request's body took longer than {self._body_timeout:g} s."
+            self.transport.write(_json_response(408, detail, self.server_state.default_headers))
+        self.transport.close()
+
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """Answer `status` with `{"detail": detail}` and close; nothing more is parsed."""
         self._refused = True
@@ -372,6 +413,11 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
             self._header_timer.cancel()
             self._header_timer = None
         self._block_timed = False
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _peer(self) -> str | None:
         return f"{self.client[0]}:{self.client[1]}" if self.client else None
